@@ -1,0 +1,62 @@
+"""Command line: `python -m minivl {data,train,eval,bench} ...`.
+
+Each sub-command lives next to the code it drives; this file only dispatches, importing the
+heavy modules lazily so `python -m minivl --help` answers at once.
+
+    python -m minivl data bench            scenes/s of Shapes World (render + all text)
+    python -m minivl data preview --out F  a grid of samples with captions and boxes
+    python -m minivl train clip [--preset cpu|tiny|gpu] [--steps N] [--out DIR]
+    python -m minivl bench {vit,clip,metrics}
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+BENCHES = ("data", "vit", "clip", "metrics")
+TRAINABLE = ("clip", "vit", "lm")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m minivl", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="Shapes World: bench the generator or preview samples")
+    data.add_argument("action", choices=["bench", "preview"])
+    data.add_argument("--out", default="data/shapes_world_grid.png", help="preview PNG path")
+    data.add_argument("--image-size", type=int, default=64)
+    data.add_argument("--n", type=int, default=None, help="scenes to bench / images to preview")
+    data.add_argument("--split", default="train")
+
+    train = sub.add_parser("train", help="train a model and write a checkpoint + run folder")
+    train.add_argument("model", choices=TRAINABLE)
+    train.add_argument("--preset", default="cpu", choices=["tiny", "cpu", "gpu"])
+    train.add_argument("--device", default=None, help="cuda / mps / cpu (default: best available)")
+    train.add_argument("--steps", type=int, default=None, help="override the preset's steps")
+    train.add_argument("--out", default=None, help="run folder (default data/runs/<model>-<preset>)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU too")
+
+    bench = sub.add_parser("bench", help="measure speed against a reference in the same run")
+    bench.add_argument("what", choices=BENCHES)
+    bench.add_argument("--device", default=None)
+    bench.add_argument("--steps", type=int, default=None)
+
+    args = parser.parse_args(argv)
+    if args.command == "data":
+        from minivl.bench import data as data_cli
+        return data_cli.main(args)
+    if args.command == "train":
+        module = importlib.import_module(f"minivl.recipes.{args.model}")
+        return module.main(args)
+    if args.command == "bench":
+        module = importlib.import_module(f"minivl.bench.{args.what}")
+        return module.main(args)
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Text encoder shaped like CLIP's text tower.
+
+Follows CLIP (Radford et al., 2021), whose text tower is a GPT-2-style (Radford et al., 2019)
+transformer: token + learned position embeddings, *causal* pre-norm blocks, a final LayerNorm,
+and the sentence summarised by the features at the end-of-text token.
+
+The one idea to take away: with a causal mask, the last token is the only one that has read the
+whole sentence, so it is the natural place to pool. (A causal encoder also lets the same tower
+be used as a language model.) Right padding never changes it: pads come after the last token,
+and causal attention never looks forward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from minivl.checkpoint import Checkpointable
+from minivl.transformer import Transformer, init_weights
+
+PRESETS = {
+    "tiny": dict(vocab_size=300, context_length=16, width=32, depth=2, heads=2),
+    "cpu": dict(vocab_size=512, context_length=32, width=128, depth=4, heads=4),
+    "gpu": dict(vocab_size=1024, context_length=48, width=384, depth=8, heads=6),
+}
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 512  # token ids are 0 .. vocab_size - 1
+    context_length: int = 32  # longest sequence (special tokens included)
+    width: int = 128  # token width D
+    depth: int = 4  # number of transformer blocks
+    heads: int = 4  # attention heads
+    mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * width
+    activation: str = "gelu"  # "quick_gelu" for OpenAI CLIP weights
+    norm_eps: float = 1e-5  # LayerNorm epsilon
+    dropout: float = 0.0  # attention/MLP dropout
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "TextConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown text preset {name!r}; choose from {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+@dataclass
+class TextOutput:
+    tokens: torch.Tensor  # (B, T, D) after ln_final
+    pooled: torch.Tensor  # (B, D) the features at the last real (end-of-text) token
+    hidden_states: list[torch.Tensor] | None = field(default=None)
+    attentions: list[torch.Tensor] | None = field(default=None)
+
+
+def check_tokens(input_ids: torch.Tensor, vocab_size: int, context_length: int) -> None:
+    """Raise a clear error unless input_ids is a (B, T) integer tensor that fits the model."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be a (B, T) tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
+    if input_ids.is_floating_point():
+        raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+    if input_ids.shape[1] > context_length:
+        raise ValueError(f"text of {input_ids.shape[1]} tokens exceeds the context length {context_length}")
+    if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
+        raise ValueError(f"token ids must lie in [0, {vocab_size}), got [{input_ids.min()}, {input_ids.max()}]")
+
+
+def last_token_index(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row (B,): right padding assumed, as the tokenizer makes."""
+    B, T = input_ids.shape
+    if attention_mask is None:
+        return torch.full((B,), T - 1, device=input_ids.device)
+    lengths = attention_mask.long().sum(1)
+    if (lengths == 0).any():
+        raise ValueError("every text needs at least one real token (a row of attention_mask is all zeros)")
+    return lengths - 1
+
+
+class TextEncoder(Checkpointable, nn.Module):
+    """Token ids (B, T) -> token features (B, T, D) and a pooled sentence vector (B, D)."""
+
+    config_class = TextConfig
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        self.token_embedding = nn.Embedding(c.vocab_size, c.width)
+        self.pos_embed = nn.Parameter(torch.zeros(c.context_length, c.width))
+        self.transformer = Transformer(c.width, c.depth, c.heads, c.mlp_ratio, c.activation,
+                                       norm_eps=c.norm_eps, dropout=c.dropout)
+        self.ln_final = nn.LayerNorm(c.width, eps=c.norm_eps)
+        self.apply(init_weights)
+        nn.init.normal_(self.pos_embed, std=0.01)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                need_weights: bool = False, output_hidden_states: bool = False) -> TextOutput:
+        check_tokens(input_ids, self.config.vocab_size, self.config.context_length)
+        T = input_ids.shape[1]
+        x = self.token_embedding(input_ids) + self.pos_embed[:T]  # (B, T, D)
+        out = self.transformer(x, attention_mask=attention_mask, causal=True, need_weights=need_weights,
+                               output_hidden_states=output_hidden_states)
+        tokens = self.ln_final(out.last_hidden_state)  # (B, T, D)
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        pooled = tokens[rows, last_token_index(attention_mask, input_ids)]  # (B, D)
+        return TextOutput(tokens, pooled, out.hidden_states, out.attentions)

@@ -1,0 +1,156 @@
+"""Vision Transformer, shaped like CLIP's image tower.
+
+Follows "An Image is Worth 16x16 Words" (Dosovitskiy et al., 2021) in the variant OpenAI's CLIP
+uses (Radford et al., 2021): a bias-free convolutional patch embedding, a learned class token,
+learned position embeddings, a LayerNorm *before* the transformer (`ln_pre`), pre-norm blocks,
+and a LayerNorm after it (`ln_post`). Keeping CLIP's exact shape is what lets the converter in
+`clip.py` load `transformers` CLIP weights into this module unchanged.
+
+The one idea to take away: an image becomes a sentence. Cut it into P x P patches, project each
+patch to a vector (a strided convolution does exactly that), add where it came from, and a
+plain transformer does the rest; the class token is the one "word" whose job is to summarise.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from minivl.checkpoint import Checkpointable
+from minivl.transformer import Transformer, init_weights
+
+PRESETS = {
+    "tiny": dict(image_size=32, patch_size=8, width=32, depth=2, heads=2),
+    "cpu": dict(image_size=64, patch_size=8, width=128, depth=4, heads=4),
+    "gpu": dict(image_size=128, patch_size=8, width=384, depth=8, heads=6),
+}
+
+
+@dataclass
+class ViTConfig:
+    image_size: int = 64  # input height = width, in pixels
+    patch_size: int = 8  # each token is a patch_size x patch_size x 3 square
+    width: int = 128  # token width D
+    depth: int = 4  # number of transformer blocks
+    heads: int = 4  # attention heads; width must divide evenly
+    mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * width
+    activation: str = "gelu"  # "quick_gelu" for OpenAI CLIP weights
+    norm_eps: float = 1e-5  # LayerNorm epsilon (CLIP: 1e-5)
+    dropout: float = 0.0  # attention/MLP dropout (CLIP: none)
+    num_classes: int = 0  # size of the ViTClassifier head; unused by the bare encoder
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size != 0:
+            raise ValueError(f"image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
+
+    @property
+    def grid(self) -> int:
+        """Patches per side."""
+        return self.image_size // self.patch_size
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "ViTConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown ViT preset {name!r}; choose from {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+@dataclass
+class ViTOutput:
+    tokens: torch.Tensor  # (B, 1 + N, D) after ln_post; index 0 is the class token
+    pooled: torch.Tensor  # (B, D) the class token
+    hidden_states: list[torch.Tensor] | None = field(default=None)  # depth + 1 entries, before ln_post
+    attentions: list[torch.Tensor] | None = field(default=None)  # depth entries of (B, H, 1 + N, 1 + N)
+
+
+def check_images(images: torch.Tensor, image_size: int) -> None:
+    """Raise a clear error unless images is a float (B, 3, image_size, image_size) tensor."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor (B, 3, H, W), got {type(images).__name__}")
+    if images.dim() != 4 or images.shape[1] != 3 or images.shape[2:] != (image_size, image_size):
+        raise ValueError(f"images must be (B, 3, {image_size}, {image_size}), got {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise TypeError(f"images must be float (use minivl.data.image_to_tensor), got {images.dtype}")
+
+
+class VisionTransformer(Checkpointable, nn.Module):
+    """Image (B, 3, H, W) -> tokens (B, 1 + N, D)."""
+
+    config_class = ViTConfig
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        self.patch_embed = nn.Conv2d(3, c.width, kernel_size=c.patch_size, stride=c.patch_size, bias=False)
+        self.cls_token = nn.Parameter(torch.zeros(c.width))
+        self.pos_embed = nn.Parameter(torch.zeros(1 + c.grid**2, c.width))
+        self.ln_pre = nn.LayerNorm(c.width, eps=c.norm_eps)
+        self.transformer = Transformer(c.width, c.depth, c.heads, c.mlp_ratio, c.activation,
+                                       norm_eps=c.norm_eps, dropout=c.dropout)
+        self.ln_post = nn.LayerNorm(c.width, eps=c.norm_eps)
+        self.apply(init_weights)
+        nn.init.normal_(self.cls_token, std=c.width**-0.5)
+        nn.init.normal_(self.pos_embed, std=0.02)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Patches + class token + positions, before ln_pre: (B, 1 + N, D)."""
+        check_images(images, self.config.image_size)
+        x = self.patch_embed(images)  # (B, D, grid, grid): one strided conv = a linear map per patch
+        x = rearrange(x, "b d gh gw -> b (gh gw) d")  # (B, N, D)
+        cls = self.cls_token.expand(x.shape[0], 1, -1).to(x.dtype)  # (B, 1, D)
+        return torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype)  # (B, 1 + N, D)
+
+    def forward(self, images: torch.Tensor, *, need_weights: bool = False,
+                output_hidden_states: bool = False) -> ViTOutput:
+        out = self.transformer(self.ln_pre(self.embed(images)), need_weights=need_weights,
+                               output_hidden_states=output_hidden_states)
+        tokens = self.ln_post(out.last_hidden_state)  # (B, 1 + N, D)
+        return ViTOutput(tokens, tokens[:, 0], out.hidden_states, out.attentions)
+
+    @torch.no_grad()
+    def attention_maps(self, images: torch.Tensor, rollout: bool = False) -> torch.Tensor:
+        """Where the class token looks, as (B, layers, grid, grid) maps (heads averaged).
+
+        With rollout=True, attention is propagated through the residual stream layer by layer
+        (Abnar & Zuidema, 2020: average heads, add the identity, renormalise, multiply), so
+        layer l's map shows what the class token has gathered from the pixels up to layer l.
+        """
+        attn = torch.stack(self(images, need_weights=True).attentions, 1).mean(2)  # (B, L, 1+N, 1+N)
+        if rollout:
+            eye = torch.eye(attn.shape[-1], device=attn.device)
+            a = (attn + eye) / (attn + eye).sum(-1, keepdim=True)
+            joint, maps = a[:, 0], [a[:, 0]]
+            for layer in range(1, attn.shape[1]):
+                joint = a[:, layer] @ joint
+                maps.append(joint)
+            attn = torch.stack(maps, 1)  # (B, L, 1+N, 1+N)
+        g = self.config.grid
+        return rearrange(attn[:, :, 0, 1:], "b l (gh gw) -> b l gh gw", gh=g, gw=g)
+
+
+class ViTClassifier(Checkpointable, nn.Module):
+    """A ViT with a linear head on the class token; `loss` is cross-entropy on `batch["label"]`."""
+
+    config_class = ViTConfig
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        if config.num_classes < 1:
+            raise ValueError(f"ViTClassifier needs config.num_classes >= 1, got {config.num_classes}")
+        self.config = config
+        self.vit = VisionTransformer(config)
+        self.head = nn.Linear(config.width, config.num_classes)
+        nn.init.zeros_(self.head.weight)  # start at uniform predictions: loss = log(num_classes)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.vit(images).pooled)  # (B, num_classes)
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        logits = self(batch["image"])
+        loss = F.cross_entropy(logits.float(), batch["label"])
+        acc = (logits.argmax(-1) == batch["label"]).float().mean()
+        return loss, {"acc": acc.item()}

@@ -1,0 +1,175 @@
+"""Attention is checked against the formula, against torch's own MultiheadAttention, and for the
+three properties generation relies on: no causal leakage, padding invariance, cache == no cache."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from minivl.transformer import Attention, Block, Transformer, build_mask, init_weights
+
+
+def _explicit_attention(attn: Attention, x, context=None, allowed=None):
+    """softmax(Q K^T / sqrt(d)) V written out, heads handled by hand."""
+    B, T, D = x.shape
+    src = x if context is None else context
+    H, Dh = attn.n_heads, attn.head_dim
+    q = attn.q_proj(x).view(B, T, H, Dh).transpose(1, 2)
+    k = attn.k_proj(src).view(B, src.shape[1], H, Dh).transpose(1, 2)
+    v = attn.v_proj(src).view(B, src.shape[1], H, Dh).transpose(1, 2)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(Dh)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    out = torch.softmax(scores, -1) @ v
+    return attn.out_proj(out.transpose(1, 2).reshape(B, T, D))
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_attention_equals_formula(need_weights):
+    torch.manual_seed(0)
+    attn = Attention(32, 4).eval()
+    x = torch.randn(2, 7, 32)
+    out, w = attn(x, need_weights=need_weights)
+    torch.testing.assert_close(out, _explicit_attention(attn, x), atol=1e-5, rtol=1e-5)
+    if need_weights:
+        assert w.shape == (2, 4, 7, 7)
+        torch.testing.assert_close(w.sum(-1), torch.ones(2, 4, 7))
+
+
+def test_cross_attention_equals_formula():
+    torch.manual_seed(0)
+    attn = Attention(32, 4, kv_dim=24).eval()
+    x, mem = torch.randn(2, 5, 32), torch.randn(2, 9, 24)
+    out, _ = attn(x, mem)
+    assert out.shape == (2, 5, 32)
+    torch.testing.assert_close(out, _explicit_attention(attn, x, mem), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_matches_torch_multihead_attention(causal):
+    torch.manual_seed(0)
+    D, H = 32, 4
+    ours = Attention(D, H).eval()
+    ref = nn.MultiheadAttention(D, H, batch_first=True).eval()
+    with torch.no_grad():
+        ref.in_proj_weight.copy_(torch.cat([ours.q_proj.weight, ours.k_proj.weight, ours.v_proj.weight]))
+        ref.in_proj_bias.copy_(torch.cat([ours.q_proj.bias, ours.k_proj.bias, ours.v_proj.bias]))
+        ref.out_proj.weight.copy_(ours.out_proj.weight)
+        ref.out_proj.bias.copy_(ours.out_proj.bias)
+    x = torch.randn(3, 6, D)
+    pad = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 5 + [0]])
+    ref_causal = torch.triu(torch.ones(6, 6, dtype=torch.bool), 1) if causal else None
+    want, want_w = ref(x, x, x, key_padding_mask=pad == 0, attn_mask=ref_causal,
+                       average_attn_weights=False)
+    for need_weights in (False, True):
+        got, got_w = ours(x, attention_mask=pad, causal=causal, need_weights=need_weights)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        if need_weights:
+            torch.testing.assert_close(got_w, want_w, atol=1e-5, rtol=1e-5)
+
+
+def _model(cross=False, depth=2):
+    torch.manual_seed(0)
+    model = Transformer(32, depth, 4, cross_attention=cross, kv_dim=16 if cross else None).eval()
+    model.apply(init_weights)
+    return model
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_causal_no_leakage(need_weights):
+    model = _model()
+    x = torch.randn(2, 10, 32)
+    y = x.clone()
+    y[:, 6:] = torch.randn(2, 4, 32)  # change the future only
+    a = model(x, causal=True, need_weights=need_weights).last_hidden_state
+    b = model(y, causal=True, need_weights=need_weights).last_hidden_state
+    torch.testing.assert_close(a[:, :6], b[:, :6], atol=1e-6, rtol=0)
+    assert not torch.allclose(a[:, 6:], b[:, 6:])  # the test can fail: the future did change
+
+
+def test_gradient_does_not_flow_from_future():
+    model = _model()
+    x = torch.randn(1, 8, 32, requires_grad=True)
+    model(x, causal=True).last_hidden_state[0, 3].sum().backward()
+    assert x.grad[0, 4:].abs().max() == 0
+    assert x.grad[0, :4].abs().max() > 0
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_padding_does_not_change_real_tokens(causal):
+    model = _model()
+    x = torch.randn(1, 5, 32)
+    alone = model(x, causal=causal).last_hidden_state
+    padded = torch.cat([x, torch.randn(1, 3, 32) * 10], dim=1)  # junk in the padded slots
+    mask = torch.tensor([[1] * 5 + [0] * 3])
+    for need_weights in (False, True):
+        out = model(padded, attention_mask=mask, causal=causal, need_weights=need_weights)
+        torch.testing.assert_close(out.last_hidden_state[:, :5], alone, atol=1e-5, rtol=1e-5)
+        if need_weights:
+            assert out.attentions[0][..., 5:].abs().max() == 0  # no weight lands on padding
+
+
+def test_left_padding_with_causal_mask_is_finite_and_invariant():
+    model = _model()
+    x = torch.randn(1, 4, 32)
+    alone = model(x, causal=True).last_hidden_state
+    padded = torch.cat([torch.randn(1, 2, 32), x], dim=1)
+    out = model(padded, attention_mask=torch.tensor([[0, 0, 1, 1, 1, 1]]), causal=True).last_hidden_state
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[:, 2:], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_kv_cache_equals_full_recomputation(cross):
+    model = _model(cross=cross)
+    x = torch.randn(2, 9, 32)
+    mem = torch.randn(2, 6, 16) if cross else None
+    full = model(x, causal=True, context=mem).last_hidden_state
+    cache = model.new_cache()
+    steps = [model(x[:, :4], causal=True, context=mem, cache=cache).last_hidden_state]  # prompt at once
+    for t in range(4, 9):  # then one token at a time
+        steps.append(model(x[:, t:t + 1], causal=True, context=mem, cache=cache).last_hidden_state)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    assert len(cache[0].self_attn) == 9
+    if cross:
+        assert len(cache[0].cross_attn) == 6  # projected once, not re-appended every step
+
+
+def test_kv_cache_reorder_follows_beams():
+    model = _model()
+    x = torch.randn(3, 5, 32)
+    cache = model.new_cache()
+    model(x[:, :4], causal=True, cache=cache)
+    idx = torch.tensor([2, 0, 0])
+    for layer in cache:
+        layer.reorder(idx)
+    step = model(x[idx, 4:5], causal=True, cache=cache).last_hidden_state
+    full = model(x[idx], causal=True).last_hidden_state[:, 4:5]
+    torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
+
+
+def test_build_mask_is_bottom_right_aligned():
+    m = build_mask(None, True, T=2, S=4, device=torch.device("cpu"))[0, 0]
+    assert m.tolist() == [[True, True, True, False], [True, True, True, True]]
+
+
+def test_outputs_hidden_states_and_attentions():
+    model = _model(depth=3)
+    out = model(torch.randn(2, 4, 32), output_hidden_states=True, need_weights=True)
+    assert len(out.hidden_states) == 4 and len(out.attentions) == 3
+    assert out.attentions[0].shape == (2, 4, 4, 4)
+    torch.testing.assert_close(out.hidden_states[-1], out.last_hidden_state)
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = _model()
+    with pytest.raises(ValueError, match=r"\(B, T, 32\)"):
+        model(torch.randn(2, 4, 16))
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(torch.randn(2, 4, 32), attention_mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match="divisible"):
+        Attention(30, 4)
+    with pytest.raises(ValueError, match="context"):
+        Block(32, 4, cross_attention=True)(torch.randn(1, 2, 32))
+    with pytest.raises(ValueError, match="activation"):
+        Block(32, 4, activation="relu6")
