@@ -22,7 +22,7 @@ from minivl.transformer import Transformer, init_weights
 PRESETS = {
     "tiny": dict(vocab_size=300, context_length=16, width=32, depth=2, heads=2),
     "cpu": dict(vocab_size=512, context_length=32, width=128, depth=4, heads=4),
-    "gpu": dict(vocab_size=1024, context_length=48, width=384, depth=8, heads=6),
+    "gpu": dict(vocab_size=512, context_length=48, width=384, depth=8, heads=6),
 }
 
 
