@@ -1,0 +1,213 @@
+"""Plots shared by every notebook and recipe: image grids with boxes, curves, attention maps,
+similarity and confusion matrices.
+
+Every function returns a matplotlib Figure and never calls plt.show(), so the same call works
+in a notebook (the figure displays itself), in a script (`savefig`) and in a headless test.
+The idea to take away: look at the data and at what the model attends to before trusting a metric.
+"""
+from __future__ import annotations
+
+import math
+import textwrap
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+
+def _to_uint8(img) -> np.ndarray:
+    """(H, W, 3) uint8 from a uint8 array or a (3, H, W) float tensor/array in [-1, 1]."""
+    if hasattr(img, "detach"):
+        img = img.detach().float().cpu().numpy()
+    img = np.asarray(img)
+    if img.ndim != 3:
+        raise ValueError(f"expected one image (H, W, 3) uint8 or (3, H, W) float, got shape {img.shape}")
+    if img.dtype == np.uint8:
+        if img.shape[-1] != 3:
+            raise ValueError(f"uint8 images must be (H, W, 3), got {img.shape}")
+        return img
+    if img.shape[0] != 3:
+        raise ValueError(f"float images must be (3, H, W) in [-1, 1], got {img.shape}")
+    return np.clip((img.transpose(1, 2, 0) * 0.5 + 0.5) * 255 + 0.5, 0, 255).astype(np.uint8)
+
+
+def _grid(n: int, ncols: int, cell=(2.0, 2.0)):
+    ncols = max(1, min(ncols, n))
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(cell[0] * ncols, cell[1] * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    return fig, list(axes.flat)
+
+
+def show_images(images, titles=None, boxes=None, box_labels=None, ncols: int = 8, title_size: int = 7,
+                wrap: int | None = 30):
+    """A grid of images; optional titles (wrapped to `wrap` characters per line) and per-image
+    xyxy boxes (with labels) drawn on top.
+
+    images: a list of (H, W, 3) uint8 arrays or (3, H, W) tensors in [-1, 1], or a batch of either.
+    boxes[i]: the boxes of image i, pixel xyxy (x2, y2 exclusive); box_labels[i]: one string per box.
+    """
+    images = [_to_uint8(im) for im in images]
+    n = len(images)
+    if n == 0:
+        raise ValueError("show_images needs at least one image")
+    for name, extra in (("titles", titles), ("boxes", boxes), ("box_labels", box_labels)):
+        if extra is not None and len(extra) != n:
+            raise ValueError(f"{name} has {len(extra)} entries for {n} images")
+    if titles is not None:
+        titles = [str(t) for t in titles]
+        if wrap:
+            titles = ["\n".join(w for line in t.split("\n") for w in textwrap.wrap(line, wrap) or [""]) for t in titles]
+    lines = max(t.count("\n") + 1 for t in titles) if titles is not None else 0
+    fig, axes = _grid(n, ncols, cell=(2.0, 2.0 + 0.16 * lines * title_size / 7))
+    for i, (ax, im) in enumerate(zip(axes, images)):
+        ax.imshow(im, interpolation="nearest")
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=title_size)
+        for j, b in enumerate(boxes[i] if boxes is not None else []):
+            x1, y1, x2, y2 = (float(v) for v in b)
+            # pixel k covers [k - 0.5, k + 0.5] in imshow coordinates
+            ax.add_patch(plt.Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, ec="white", lw=1))
+            if box_labels is not None and j < len(box_labels[i]):
+                top = y1 < 0.1 * im.shape[0]  # no room above: write inside the box
+                ax.text(x1 - 0.5, y1 - 0.5 if top else y1 - 1, box_labels[i][j], color="white", fontsize=5,
+                        va="top" if top else "bottom", bbox=dict(fc="black", alpha=0.5, pad=0.5, lw=0))
+    fig.tight_layout()
+    return fig
+
+
+def plot_loss_curve(history: dict, title: str | None = None, log_y: bool = False):
+    """Training loss against step, plus any `val_*` series (x from `val_step` when given)."""
+    if "step" not in history or "loss" not in history:
+        raise ValueError(f"history needs 'step' and 'loss' lists, got keys {sorted(history)}")
+    if len(history["step"]) != len(history["loss"]):
+        raise ValueError(f"'step' has {len(history['step'])} entries but 'loss' has {len(history['loss'])}")
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(history["step"], history["loss"], label="train loss", lw=1)
+    for key, values in history.items():
+        if key.startswith("val_") and key != "val_step":
+            if "val_step" in history:
+                steps = history["val_step"]
+            elif len(values) == len(history["step"]):
+                steps = history["step"]
+            else:  # evaluated at evenly spaced points over the run
+                steps = np.linspace(history["step"][0], history["step"][-1], len(values))
+            ax.plot(steps, values, "o-", ms=3, label=key.replace("_", " "))
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if log_y:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_attention_maps(image, attn, grid_size: int | None = None, titles=None, ncols: int = 5):
+    """The image, then one attention map per row of `attn` (heads or layers) over the patch grid.
+
+    attn: (K, N) with N = grid_size**2 patch weights, or N = grid_size**2 + 1 when a leading
+    CLS token is included (it is dropped). Maps are upsampled over the image with nearest pixels.
+    """
+    img = _to_uint8(image)
+    attn = np.asarray(attn.detach().float().cpu() if hasattr(attn, "detach") else attn, dtype=np.float32)
+    if attn.ndim == 1:
+        attn = attn[None]
+    if attn.ndim != 2:
+        raise ValueError(f"attn must be (K maps, N patches), got shape {attn.shape}")
+    g = grid_size or math.isqrt(attn.shape[1])
+    if attn.shape[1] == g * g + 1:
+        attn = attn[:, 1:]
+    if attn.shape[1] != g * g:
+        raise ValueError(f"attn has {attn.shape[1]} entries per map; expected grid_size**2 = {g * g} (+1 for CLS)")
+    if titles is not None and len(titles) != len(attn):
+        raise ValueError(f"titles has {len(titles)} entries for {len(attn)} maps")
+    fig, axes = _grid(len(attn) + 1, ncols)
+    axes[0].imshow(img, interpolation="nearest")
+    axes[0].set_title("image", fontsize=8)
+    H, W = img.shape[:2]
+    for k, (ax, a) in enumerate(zip(axes[1:], attn)):
+        ax.imshow(img, interpolation="nearest")
+        ax.imshow(a.reshape(g, g), cmap="inferno", alpha=0.6, extent=(-0.5, W - 0.5, H - 0.5, -0.5),
+                  interpolation="nearest")
+        ax.set_title(titles[k] if titles is not None else f"map {k}", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_similarity_matrix(sim, row_labels=None, col_labels=None, images=None, title: str | None = None):
+    """Heatmap of an (N, M) similarity matrix (e.g. texts x images), values printed when small.
+    `images` (M of them) are drawn as thumbnails above their columns, as in the CLIP paper."""
+    sim = np.asarray(sim.detach().float().cpu() if hasattr(sim, "detach") else sim, dtype=np.float32)
+    if sim.ndim != 2:
+        raise ValueError(f"sim must be 2-D (N, M), got shape {sim.shape}")
+    N, M = sim.shape
+    for name, labels, want in (("row_labels", row_labels, N), ("col_labels", col_labels, M), ("images", images, M)):
+        if labels is not None and len(labels) != want:
+            raise ValueError(f"{name} has {len(labels)} entries, expected {want} for sim of shape {sim.shape}")
+    fig, ax = plt.subplots(figsize=(1.5 + 0.55 * M, 1.2 + 0.45 * N + 0.6 * (images is not None)))
+    im = ax.imshow(sim, cmap="viridis", aspect="auto")
+    if N * M <= 400:
+        for i in range(N):
+            for j in range(M):
+                ax.text(j, i, f"{sim[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if sim[i, j] < sim.mean() else "black")
+    ax.set_yticks(range(N), row_labels if row_labels is not None else range(N), fontsize=7)
+    if col_labels is not None or images is None:
+        ax.set_xticks(range(M), col_labels if col_labels is not None else range(M), fontsize=7, rotation=90)
+    else:
+        ax.set_xticks([])
+    for j, img in enumerate(images if images is not None else []):
+        # one cell wide; height in axes units so the thumbnail is about square (cells are 0.55 x 0.45 in)
+        sub = ax.inset_axes([j / M, 1.02, 1 / M, 1.2 / N])
+        sub.imshow(_to_uint8(img), interpolation="nearest")
+        sub.axis("off")
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    if title:
+        ax.set_title(title, pad=60 if images is not None else 6)
+    fig.tight_layout()
+    return fig
+
+
+def plot_confusion_matrix(cm, labels, normalize: bool = True, title: str | None = None):
+    """Rows: true class, columns: predicted class; rows normalised to sum to 1 when `normalize`."""
+    cm = np.asarray(cm.detach().cpu() if hasattr(cm, "detach") else cm, dtype=np.float64)
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1] or cm.shape[0] != len(labels):
+        raise ValueError(f"cm must be square (K, K) with K = len(labels) = {len(labels)}, got {cm.shape}")
+    if normalize:
+        cm = cm / np.maximum(cm.sum(1, keepdims=True), 1e-12)
+    K = len(labels)
+    fig, ax = plt.subplots(figsize=(1.5 + 0.35 * K, 1.2 + 0.35 * K))
+    im = ax.imshow(cm, cmap="Blues", vmin=0)
+    if K <= 20:
+        for i in range(K):
+            for j in range(K):
+                if cm[i, j]:
+                    ax.text(j, i, f"{cm[i, j]:.2f}" if normalize else f"{int(cm[i, j])}", ha="center",
+                            va="center", fontsize=5, color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set_xticks(range(K), labels, rotation=90, fontsize=6)
+    ax.set_yticks(range(K), labels, fontsize=6)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def savefig(fig, path, dpi: int = 100, close: bool = False) -> Path:
+    """Write `fig` to `path` (parent folders created); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    if close:
+        plt.close(fig)
+    return path
+
+
+__all__ = ["show_images", "plot_loss_curve", "plot_attention_maps", "plot_similarity_matrix",
+           "plot_confusion_matrix", "savefig"]

@@ -1,0 +1,339 @@
+"""Shapes World: determinism, golden hashes, exact pixels and boxes, and every text target
+re-derived here, independently, from the scene graph."""
+import hashlib
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minivl.world import PALETTE, SHAPES, SPLITS, VERSION, World, WorldConfig, shape_mask
+
+REPO = Path(__file__).resolve().parent.parent
+SPLIT_NAMES = ("train", "val", "test", "heldout")
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles",
+           "diamond": "diamonds", "cross": "crosses"}
+
+# sha256 over pixels + all text of scenes 0..7 of each split (see _digest). A change of pixels or
+# text must bump world.VERSION and add its hashes here; old hashes stay as a record.
+GOLDEN = {
+    "1.0.0": {
+        "train": "0311a0d0911312894c49aab962860760944d4f9913a498739c870529d14caa13",
+        "val": "07dfedd24a11ae13a5780dec579c766fd8c998a334c7bccd3c7fa17b0954867f",
+        "test": "153759e6bf3757822b1b618c6b998bda56bc0db297baa302fb34c5ffdc4778e6",
+        "heldout": "77656827cfda5c8fe32e74baa301e02d6f6e96400908fe87a2f7c2577f28d1a7",
+    },
+}
+
+
+def _digest(world, split, n=8):
+    h = hashlib.sha256()
+    for i in range(n):
+        s = world.scene(i, split)
+        h.update(s.image.tobytes())
+        h.update(repr([(o.shape, o.color, o.size, tuple(int(v) for v in o.box)) for o in s.objects]).encode())
+        h.update("\n".join(world.texts(s)).encode())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def world():
+    return World()
+
+
+@pytest.fixture(scope="module")
+def scenes(world):
+    return [world.scene(i, split) for split in SPLIT_NAMES for i in range(60)] + \
+           [world.scene(i, "train", n_objects=k) for k in (1, 2, 8, 9) for i in range(10)]
+
+
+# ---------------------------------------------------------------- determinism and versioning
+def test_scene_is_a_pure_function_of_seed_split_index(world):
+    a, b = world.scene(7, "val"), World().scene(7, "val")
+    world.scene(3, "val")  # order of calls must not matter
+    c = world.scene(7, "val")
+    for s in (b, c):
+        assert np.array_equal(a.image, s.image) and a.objects == s.objects
+        assert world.all_text(a) == world.all_text(s)
+    assert not np.array_equal(a.image, world.scene(7, "test").image)
+    assert not np.array_equal(a.image, World(WorldConfig(seed=1)).scene(7, "val").image)
+    assert a.image.dtype == np.uint8 and a.image.shape == (64, 64, 3)
+
+
+def test_determinism_across_processes(world):
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import tests.test_world as t; "
+            "from minivl.world import World; w = World(); "
+            "print(' '.join(t._digest(w, s, 4) for s in ('train', 'heldout')), w.fingerprint('val', 4))")
+    env = dict(os.environ, PYTHONHASHSEED="12345")  # Python's hash() must play no part
+    out = subprocess.run([sys.executable, "-c", code, str(REPO)], capture_output=True, text=True,
+                         env=env, cwd=REPO, timeout=60)
+    assert out.returncode == 0, out.stderr
+    here = [_digest(world, "train", 4), _digest(world, "heldout", 4), world.fingerprint("val", 4)]
+    assert out.stdout.split() == here
+
+
+def test_golden_hashes(world):
+    assert VERSION in GOLDEN, f"world.VERSION={VERSION} has no golden hashes: add them to GOLDEN"
+    got = {s: _digest(world, s) for s in SPLIT_NAMES}
+    assert got == GOLDEN[VERSION], (
+        "Shapes World pixels or text changed: bump world.VERSION and record the new hashes "
+        f"(got {got})")
+
+
+# ---------------------------------------------------------------- pixels and boxes
+def _check_pixels(world, scene):
+    img, S = scene.image, world.config.image_size
+    covered = np.zeros((S, S), bool)
+    for o in scene.objects:
+        x1, y1, x2, y2 = o.box
+        assert 0 <= x1 < x2 <= S and 0 <= y1 < y2 <= S
+        color = np.array(PALETTE[o.color], np.uint8)
+        # an interior pixel (the box centre) has the object's exact colour
+        assert (img[(y1 + y2 - 1) // 2, (x1 + x2 - 1) // 2] == color).all(), (o, scene.index)
+        inside = (img[y1:y2, x1:x2] == color).all(-1)
+        # tight: the object's pixels touch all four sides of its box
+        assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any(), o
+        assert not covered[y1:y2, x1:x2].any(), "boxes overlap"
+        covered[max(0, y1 - 1):y2 + 1, max(0, x1 - 1):x2 + 1] = True  # + 1 px: objects never touch
+    # no pixel outside the boxes has any object colour: the boxes hold all object pixels
+    outside = img[~covered]
+    for c in world.config.colors:
+        assert not (outside == np.array(PALETTE[c], np.uint8)).all(-1).any(), f"stray {c} pixels"
+
+
+@pytest.mark.parametrize("size", [32, 64, 224])
+def test_interior_pixels_and_tight_boxes(size):
+    w = World(WorldConfig(image_size=size))
+    for i in range(40 if size < 224 else 8):
+        for split in ("train", "heldout"):
+            _check_pixels(w, w.scene(i, split))
+    full = w.scene(0, "train", n_objects=w.config.capacity)  # a crowded scene still fits
+    assert len(full.objects) == w.config.capacity
+    _check_pixels(w, full)
+
+
+def test_shapes_look_like_their_names():
+    for side in (7, 11, 19, 41, 67):
+        widths = {s: shape_mask(s, side).sum(1) for s in SHAPES}
+        fill = {s: shape_mask(s, side).mean() for s in SHAPES}
+        assert fill["square"] == 1.0
+        assert 0.70 < fill["circle"] < 0.9, fill  # pi/4 of its box
+        t = widths["triangle"]
+        assert (np.diff(t) >= 0).all() and t[-1] > 3 * t[0]  # widens downwards, apex on top
+        d = widths["diamond"]
+        mid = len(d) // 2
+        assert (np.diff(d[:mid + 1]) > 0).all() and (d == d[::-1]).all() and d[0] <= 2
+        c = widths["cross"]
+        assert c[len(c) // 2] == len(c) and c[0] < len(c) / 2 and (c == c[::-1]).all()
+        masks = [shape_mask(s, side) for s in SHAPES]
+        assert len({m.tobytes() + bytes(m.shape) for m in masks}) == len(SHAPES)
+
+
+def test_sizes_and_counts(world, scenes):
+    for s in scenes[:240]:
+        assert world.config.min_objects <= len(s.objects) <= world.config.max_objects
+    counts = {len(s.objects) for s in scenes[:60]}
+    assert counts == set(range(1, 5))
+    sides = {o.size: max(o.box[2] - o.box[0], o.box[3] - o.box[1]) for s in scenes for o in s.objects}
+    assert sides["large"] >= sides["small"] + 4
+
+
+# ---------------------------------------------------------------- compositional split
+def test_heldout_pairs_never_in_train_val_test(world):
+    held = world.heldout
+    assert len(held) >= 4
+    for c, s in held:  # each part is still seen in training, with other partners
+        assert any(c == c2 and s != s2 for c2, s2 in world.train_combos)
+        assert any(s == s2 and c != c2 for c2, s2 in world.train_combos)
+    pattern = re.compile("|".join(rf"\b{c} ({s}|{PLURALS[s]})\b" for c, s in held))
+    for split in ("train", "val", "test"):
+        for i in range(150):
+            sc = world.scene(i, split)
+            assert not any((o.color, o.shape) in held for o in sc.objects)
+            for text in world.texts(sc):
+                assert not pattern.search(text.lower()), (split, i, text)
+    for i in range(60):
+        sc = world.scene(i, "heldout")
+        assert any((o.color, o.shape) in held for o in sc.objects)
+        assert any(pattern.search(t) for t in world.captions(sc))
+
+
+# ---------------------------------------------------------------- independent re-derivation
+ATTR = re.compile(r"^(?:(small|large) )?(?:(\w+) )?(\w+)$")
+
+
+def _resolve(world, scene, desc):
+    """Objects matching a description such as 'large red circle' or 'red object'."""
+    words = desc.split()
+    size = words.pop(0) if words[0] in ("small", "large") else None
+    noun = words.pop()
+    color = words.pop() if words else None
+    assert not words and (color is None or color in world.config.colors), desc
+    shape = None if noun == "object" else noun
+    assert shape is None or shape in world.config.shapes, desc
+    return [i for i, o in enumerate(scene.objects)
+            if (size is None or o.size == size) and (color is None or o.color == color)
+            and (shape is None or o.shape == shape)]
+
+
+def _the(world, scene, desc):
+    hits = _resolve(world, scene, desc)
+    assert len(hits) == 1, f"'{desc}' matches {len(hits)} objects in scene {scene.index}"
+    return scene.objects[hits[0]]
+
+
+def _centre(o):
+    return (o.box[0] + o.box[2]) / 2, (o.box[1] + o.box[3]) / 2
+
+
+def _derive(world, scene, q):
+    """The answer to question text q, computed from the scene graph alone."""
+    objs, S = scene.objects, world.config.image_size
+    if m := re.fullmatch(r"what color is the (.+)\?", q):
+        if m2 := re.fullmatch(r"object (closest to|furthest from) the (.+)", m[1]):
+            return _relational(world, scene, m2[1], m2[2]).color
+        return _the(world, scene, m[1]).color
+    if m := re.fullmatch(r"what shape is the (.+)\?", q):
+        if m2 := re.fullmatch(r"object (closest to|furthest from) the (.+)", m[1]):
+            return _relational(world, scene, m2[1], m2[2]).shape
+        return _the(world, scene, m[1]).shape
+    if q == "how many objects are there?":
+        return str(len(objs))
+    if m := re.fullmatch(r"how many (.+) are there\?", q):
+        words = m[1].split()
+        singular = {p: s for s, p in PLURALS.items()} | {"objects": "object"}
+        if words[-1] in singular:
+            words[-1] = singular[words[-1]]
+        return str(len(_resolve(world, scene, " ".join(words))))
+    if m := re.fullmatch(r"is there an? (.+)\?", q):
+        return "yes" if _resolve(world, scene, m[1]) else "no"
+    if m := re.fullmatch(r"is the (.+) on the left or right of the image\?", q):
+        x = _centre(_the(world, scene, m[1]))[0]
+        assert x != S / 2
+        return "left" if x < S / 2 else "right"
+    if m := re.fullmatch(r"is the (.+) at the top or bottom of the image\?", q):
+        y = _centre(_the(world, scene, m[1]))[1]
+        assert y != S / 2
+        return "top" if y < S / 2 else "bottom"
+    if m := re.fullmatch(r"is the (.+) (left of|above) the (.+)\?", q):
+        a, b = _centre(_the(world, scene, m[1])), _centre(_the(world, scene, m[3]))
+        k = 0 if m[2] == "left of" else 1
+        assert a[k] != b[k], q
+        return "yes" if a[k] < b[k] else "no"
+    raise AssertionError(f"question matches no known template: {q!r}")
+
+
+def _relational(world, scene, rel, anchor_desc):
+    a = _the(world, scene, anchor_desc)
+    others = [o for o in scene.objects if o is not a]
+    dist = [math.dist(_centre(a), _centre(o)) for o in others]
+    best = min(dist) if rel == "closest to" else max(dist)
+    winners = [o for o, d in zip(others, dist) if d == best]
+    assert len(winners) == 1 and sorted(dist).count(best) == 1, "no unique closest/furthest object"
+    return winners[0]
+
+
+def test_every_answer_rederived_from_the_scene_graph(world, scenes):
+    types = set()
+    for s in scenes:
+        qs = world.questions(s)
+        assert qs, "every scene gets questions"
+        for q in qs:
+            assert q.answer in world.answers
+            assert _derive(world, s, q.question) == q.answer, (s.index, s.split, q)
+            types.add(q.type)
+        # unique answers: one question text never carries two answers
+        assert len({q.question for q in qs}) == len({(q.question, q.answer) for q in qs})
+    assert types == {"color", "shape", "count", "exists", "position", "relation", "closest", "furthest"}
+
+
+def test_referring_expressions_pick_out_their_box(world, scenes):
+    kinds = set()
+    for s in scenes:
+        for r in world.referring(s):
+            target = s.objects[r.index]
+            assert tuple(r.box) == tuple(target.box)
+            kinds.add(r.type)
+            if m := re.fullmatch(r"the object (left of|right of|above|below) the (.+)", r.text):
+                a = _centre(_the(world, s, m[2]))
+                k, sign = {"left of": (0, -1), "right of": (0, 1), "above": (1, -1), "below": (1, 1)}[m[1]]
+                beyond = [o for o in s.objects if sign * (_centre(o)[k] - a[k]) > 0]
+                assert beyond == [target], r
+            elif m := re.fullmatch(r"the (leftmost|rightmost|topmost|bottommost) object", r.text):
+                k, sign = {"leftmost": (0, -1), "rightmost": (0, 1), "topmost": (1, -1), "bottommost": (1, 1)}[m[1]]
+                vals = [sign * _centre(o)[k] for o in s.objects]
+                assert vals.count(max(vals)) == 1 and s.objects[vals.index(max(vals))] is target, r
+            else:
+                assert r.text.startswith("the ") and _the(world, s, r.text[4:]) is target, r
+    assert kinds == {"attribute", "relation", "extreme"}
+
+
+def test_detection_queries_list_every_matching_box(world, scenes):
+    for s in scenes:
+        for d in world.detection(s):
+            assert d.query == " . ".join(d.phrases) and len(d.boxes) == len(d.labels)
+            for k, p in enumerate(d.phrases):
+                want = sorted(tuple(s.objects[i].box) for i in _resolve(world, s, p))
+                got = sorted(tuple(b) for b, lab in zip(d.boxes, d.labels) if lab == k)
+                assert got == want, (p, s.index)
+
+
+def test_captions_and_classes(world, scenes):
+    for s in scenes:
+        caps = world.captions(s)
+        assert len(caps) >= 3 and len(set(caps)) == len(caps)
+        for o in s.objects:
+            assert all(o.color in c and (o.shape in c or PLURALS[o.shape] in c) for c in caps)
+    single = world.scene(5, "train", n_objects=1)
+    assert world.classes[world.class_index(single)] == f"{single.objects[0].color} {single.objects[0].shape}"
+    assert len(world.classes) == len(world.config.colors) * len(world.config.shapes)
+    with pytest.raises(ValueError, match="single-object"):
+        world.class_index(world.scene(0, "train", n_objects=2))
+
+
+def test_conversations_are_llava_format(world, scenes):
+    S = world.config.image_size
+    for s in scenes[::7]:
+        conv = world.conversation(s)
+        assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2) and len(conv) >= 6
+        assert conv[0]["value"].startswith("<image>\n")
+        assert sum("<image>" in t["value"] for t in conv) == 1
+        assert conv[3]["value"] == f"There {'is' if len(s.objects) == 1 else 'are'} {len(s.objects)} object{'s' * (len(s.objects) > 1)}."
+        for h, g in zip(conv[::2], conv[1::2]):
+            if m := re.fullmatch(r"Where is the (.+)\?", h["value"]):
+                box = [float(v) for v in re.search(r"\[(.+)\]", g["value"])[1].split(", ")]
+                o = _the(world, s, m[1]) if not m[1].startswith("object ") else None
+                if o is not None:
+                    assert box == [round(v / S, 2) for v in o.box]
+
+
+# ---------------------------------------------------------------- bad configurations
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(colors=("red", "mauve")), "unknown colour 'mauve'"),
+    (dict(shapes=("circle", "hexagon")), "unknown shape 'hexagon'"),
+    (dict(image_size=24), "image_size must be an int >= 32"),
+    (dict(max_objects=12), "does not fit a 64x64 canvas"),
+    (dict(image_size=32, max_objects=5), "does not fit a 32x32 canvas"),
+    (dict(min_objects=3, max_objects=2), "min_objects <= max_objects"),
+    (dict(heldout=(("red", "hexagon"),)), "not in this world"),
+    (dict(heldout=tuple(("red", s) for s in SHAPES)), "at least one training pair"),
+])
+def test_bad_configs_raise_value_error(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        World(WorldConfig(**kwargs))
+
+
+def test_bad_calls_raise_value_error(world):
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        world.scene(0, "dev")
+    with pytest.raises(ValueError, match="non-negative int"):
+        world.scene(-1)
+    with pytest.raises(ValueError, match=r"n_objects must be in \[1, 9\]"):
+        world.scene(0, n_objects=10)
+    with pytest.raises(ValueError, match="not in the answer vocabulary"):
+        world.answer_index("maybe")
+    assert set(SPLITS) == set(SPLIT_NAMES)
