@@ -1,0 +1,107 @@
+"""`python -m minivl bench clip`: training images/s of minivl's CLIP against `transformers.CLIPModel`.
+
+Both models are the same network (the `transformers` one is built from minivl's config by
+`minivl.clip_convert.hf_config_from`, and minivl's weights are ported from it, so both start from
+the very same function and the first losses agree). One training step = forward on a batch of
+images and real Shapes World captions, the contrastive loss, backward, and an AdamW update. The
+two are timed in interleaved rounds by `minivl.bench.time_many`, in fp32 and then with bf16
+autocast (each side in the same precision), on the same machine in the same run.
+
+The one idea to take away: the arithmetic is identical, so any speed difference is overhead -
+Python per layer, mask building, kernels picked - which is what a small model on a CPU feels most.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+import minivl
+from minivl.bench import time_many
+from minivl.clip import CLIPConfig
+from minivl.clip_convert import from_transformers, hf_config_from
+
+BATCH = {"cpu": 64, "cuda": 256, "mps": 64}
+
+
+def _inputs(config: CLIPConfig, batch_size: int, device: torch.device) -> dict:
+    from minivl.data import CaptionDataset, collate, world_tokenizer
+    from minivl.world import World
+    tokenizer = world_tokenizer()
+    ds = CaptionDataset(World(image_size=config.vision.image_size), "train", batch_size)
+    batch = collate([ds[i] for i in range(batch_size)], tokenizer=tokenizer)
+    return {"image": batch["image"].to(device), "input_ids": batch["input_ids"].to(device),
+            "attention_mask": batch["attention_mask"].to(device), "eos_id": tokenizer.eos_id,
+            "pad_id": tokenizer.pad_id}
+
+
+def build_pair(config: CLIPConfig, eos_id: int, pad_id: int, device: torch.device):
+    """(minivl CLIP, transformers CLIPModel) with identical weights, in train mode on `device`."""
+    import transformers
+    torch.manual_seed(0)
+    hf = transformers.CLIPModel(hf_config_from(config, eos_token_id=eos_id, pad_token_id=pad_id,
+                                               attn_implementation="sdpa"))
+    ours = from_transformers(hf, pad_id=pad_id)
+    return ours.to(device).train(), hf.to(device).train()
+
+
+def train_steps(ours, hf, x: dict, precision: str, device: torch.device) -> dict:
+    """One no-argument training-step callable per model."""
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+                else contextlib.nullcontext())
+    opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in (("minivl", ours), ("transformers", hf))}
+
+    def step_ours():
+        with autocast:
+            loss, _ = ours.loss(x)
+        opts["minivl"].zero_grad(set_to_none=True)
+        loss.backward()
+        opts["minivl"].step()
+        return loss
+
+    def step_hf():
+        with autocast:
+            loss = hf(input_ids=x["input_ids"], attention_mask=x["attention_mask"], pixel_values=x["image"],
+                      return_loss=True).loss
+        opts["transformers"].zero_grad(set_to_none=True)
+        loss.backward()
+        opts["transformers"].step()
+        return loss
+
+    return {"minivl": step_ours, "transformers": step_hf}
+
+
+def main(args) -> int:
+    try:
+        import transformers
+    except ImportError:
+        print("bench clip compares against transformers.CLIPModel: pip install transformers")
+        return 1
+    device = minivl.device(getattr(args, "device", None))
+    preset = "gpu" if device.type == "cuda" else "cpu"
+    config = CLIPConfig.preset(preset)
+    B = BATCH.get(device.type, 64)
+    iters = getattr(args, "steps", None) or 10
+    x = _inputs(config, B, device)
+    config.pad_id = x["pad_id"]
+    print(f"CLIP training step, preset {preset!r} ({config.vision.image_size}px images, ViT {config.vision.width}x"
+          f"{config.vision.depth}, text {config.text.width}x{config.text.depth}), batch {B}, {iters} timed steps, "
+          f"{device}, {torch.get_num_threads()} threads, torch {torch.__version__}, transformers "
+          f"{transformers.__version__}, load {os.getloadavg()[0]:.1f}")
+    ratios = {}
+    for precision in ("fp32", "bf16"):
+        ours, hf = build_pair(config, x["eos_id"], x["pad_id"], device)
+        fns = train_steps(ours, hf, x, precision, device)
+        with torch.no_grad():  # same weights, same batch: the same loss (a check that we race the same model)
+            first = {"minivl": ours.loss(x)[0].item(),
+                     "transformers": hf(input_ids=x["input_ids"], attention_mask=x["attention_mask"],
+                                        pixel_values=x["image"], return_loss=True).loss.item()}
+        res = time_many(fns, items=B, warmup=2, iters=iters, device=device)
+        ratio = res["minivl"]["items_per_s"] / res["transformers"]["items_per_s"]
+        ratios[precision] = ratio
+        print(f"  {precision}: minivl {res['minivl']['items_per_s']:8.1f} img/s | transformers "
+              f"{res['transformers']['items_per_s']:8.1f} img/s | ratio {ratio:.2f}x "
+              f"(first losses {first['minivl']:.4f} / {first['transformers']:.4f})")
+    print("  target: minivl >= 1.2x in both: " + ("met" if min(ratios.values()) >= 1.2 else "NOT met"))
+    return 0

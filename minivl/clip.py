@@ -1,0 +1,369 @@
+"""CLIP: an image encoder and a text encoder trained so that matching pairs point the same way.
+
+Follows "Learning Transferable Visual Models From Natural Language Supervision" (Radford et al.,
+2021). The image tower is `minivl.vit.VisionTransformer`, the text tower `minivl.text.TextEncoder`;
+each is followed by a bias-free linear projection into one shared embedding space, and a learnable
+temperature (stored as log(1/T), as OpenAI does) turns cosine similarities into logits. The module
+names match OpenAI's CLIP closely enough that `transformers` CLIP weights port unchanged
+(`minivl.clip_convert`), and the user-facing functions mirror the `clip` package:
+
+    model, preprocess = minivl.clip.load("clip-cpu")
+    image = preprocess(scene.image).unsqueeze(0)
+    text = minivl.clip.tokenize(["a red circle", "a blue square"])
+    logits_per_image, logits_per_text = model(image, text)
+    probs = logits_per_image.softmax(dim=-1)
+
+Zero-shot classification, retrieval and the linear probe live in `minivl.clip_eval` and are
+re-exported here.
+
+The one idea to take away: in a batch of B pairs, every other caption is a negative for an image.
+The loss is a B-way classification in both directions with the diagonal as the answer, so the
+model learns what distinguishes *this* image from the others the batch happens to hold, and
+anything that can be written as text becomes a classifier without training.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import minivl
+from minivl.checkpoint import Checkpointable, atomic_dir, write_model_files
+from minivl.text import TextConfig, TextEncoder, check_tokens
+from minivl.tokenizer import Tokenizer
+from minivl.vit import ViTConfig, VisionTransformer
+
+PRESETS = {
+    # every preset reads the same 512-token Shapes World BPE (`minivl.data.world_tokenizer()`),
+    # as every OpenAI CLIP reads the same BPE: `tokenize` needs no model to work
+    "tiny": dict(vision=dict(image_size=32, patch_size=8, width=32, depth=2, heads=2),
+                 text=dict(vocab_size=512, context_length=40, width=32, depth=2, heads=2),
+                 embed_dim=32),
+    "cpu": dict(vision=dict(image_size=64, patch_size=8, width=128, depth=4, heads=4),
+                text=dict(vocab_size=512, context_length=40, width=128, depth=3, heads=4),
+                embed_dim=128),
+    "gpu": dict(vision=dict(image_size=128, patch_size=8, width=384, depth=8, heads=6),
+                text=dict(vocab_size=512, context_length=40, width=384, depth=6, heads=6),
+                embed_dim=256),
+}
+CONTEXT_LENGTH = 40  # tokens per text for every preset (OpenAI's CLIP: 77); Shapes World captions fit
+
+
+@dataclass
+class CLIPConfig:
+    vision: ViTConfig = field(default_factory=ViTConfig)  # the image tower
+    text: TextConfig = field(default_factory=TextConfig)  # the text tower
+    embed_dim: int = 128  # width of the shared image-text embedding space
+    logit_scale_init: float = 1 / 0.07  # initial 1 / temperature (CLIP: 1/0.07 = 14.3)
+    logit_scale_max: float = 100.0  # the scale is clamped here so training cannot blow it up
+    pad_id: int | None = None  # padding token id: lets encode_text take a bare (B, T) id tensor
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vision, dict):
+            self.vision = ViTConfig(**self.vision)
+        if isinstance(self.text, dict):
+            self.text = TextConfig(**self.text)
+        if not 0 < self.logit_scale_init <= self.logit_scale_max:
+            raise ValueError(f"need 0 < logit_scale_init <= logit_scale_max, got "
+                             f"{self.logit_scale_init} and {self.logit_scale_max}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "CLIPConfig":
+        """A named preset; `vision=` / `text=` overrides are dicts merged into the preset's."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown CLIP preset {name!r}; choose from {sorted(PRESETS)}")
+        p = {**PRESETS[name]}
+        vision = {**p.pop("vision"), **overrides.pop("vision", {})}
+        text = {**p.pop("text"), **overrides.pop("text", {})}
+        return cls(vision=ViTConfig(**vision), text=TextConfig(**text), **{**p, **overrides})
+
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
+              temperature: float | torch.Tensor = 0.07, positives: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE: cross-entropy over the B x B cosine-similarity matrix, both ways.
+
+    Row i of `logits` scores image i against every text; its target is text i (the diagonal).
+    Column j scores text j against every image. The loss is the mean of the two directions.
+    `temperature` may be a tensor (the model's learnable one), gradients then reach it.
+
+    `positives` (B, B) bool, optional: True where text j also describes image i (its diagonal
+    must be True). Targets then spread evenly over each row's (column's) positives, so two
+    images that both are "a red circle" are not pushed apart as false negatives.
+    """
+    if image_features.dim() != 2 or image_features.shape != text_features.shape:
+        raise ValueError(f"need image and text features of the same shape (B, E), got "
+                         f"{tuple(image_features.shape)} and {tuple(text_features.shape)}")
+    if not torch.is_tensor(temperature) and temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    image_features = F.normalize(image_features.float(), dim=-1)  # unit vectors: dot = cosine
+    text_features = F.normalize(text_features.float(), dim=-1)
+    logits = image_features @ text_features.T / temperature  # (B, B), [i, j] = image i vs text j
+    B = logits.shape[0]
+    if positives is None:
+        targets = torch.arange(B, device=logits.device)
+        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    if positives.shape != (B, B) or not positives.diagonal().all():
+        raise ValueError(f"positives must be a (B, B) = ({B}, {B}) bool mask with a True diagonal, "
+                         f"got shape {tuple(positives.shape)}")
+    pos = positives.to(logits.device, torch.float32)
+    per_image = pos / pos.sum(1, keepdim=True)  # (B, B) soft targets over texts
+    per_text = pos.T / pos.T.sum(1, keepdim=True)  # (B, B) soft targets over images
+    return (F.cross_entropy(logits, per_image) + F.cross_entropy(logits.T, per_text)) / 2
+
+
+def _pooled_last_block(blocks: nn.ModuleList, x: torch.Tensor, query_index: torch.Tensor | None,
+                       key_mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    """Run pre-norm `blocks` on x (B, S, D) and return only the pooled token's output (B, D).
+
+    CLIP reads one token per sequence (the class token, or the end-of-text token), and in the last
+    block nothing else can reach it: the other tokens' queries and MLPs there are wasted work. So
+    the last block runs attention for that one query (keys and values still from every token,
+    `key_mask` saying which it may see) and the MLP on that one token. Same numbers as the full
+    stack, about (depth - 1) / depth of its cost; on a 2-block text tower that is half.
+    `query_index` (B,) picks the token per row (None: token 0, the class token).
+    """
+    for block in blocks[:-1]:
+        x, _ = block(x, causal=causal)  # (B, S, D)
+    last = blocks[-1]
+    rows = torch.arange(x.shape[0], device=x.device)
+    pick = (lambda t: t[:, 0]) if query_index is None else (lambda t: t[rows, query_index])
+    h = last.ln_1(x)  # (B, S, D): every token is a key and a value
+    a, _ = last.attn(pick(h)[:, None], context=h, attention_mask=key_mask)  # (B, 1, D): one query
+    y = pick(x)[:, None] + last.drop(a)  # (B, 1, D)
+    y = y + last.mlp(last.ln_2(y))
+    return y[:, 0]  # (B, D)
+
+
+class CLIP(Checkpointable, nn.Module):
+    """Images (B, 3, H, W) and texts (B, T) -> embeddings (B, E) and image-text logits."""
+
+    config_class = CLIPConfig
+
+    def __init__(self, config: CLIPConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        self.visual = VisionTransformer(c.vision)  # `clip.visual`, as in OpenAI's code
+        self.text = TextEncoder(c.text)
+        self.visual_projection = nn.Linear(c.vision.width, c.embed_dim, bias=False)
+        self.text_projection = nn.Linear(c.text.width, c.embed_dim, bias=False)
+        nn.init.normal_(self.visual_projection.weight, std=c.vision.width**-0.5)
+        nn.init.normal_(self.text_projection.weight, std=c.text.width**-0.5)
+        # log(1/T): a multiplicative quantity learns better in log space, and exp keeps it positive
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(c.logit_scale_init)))
+        self.tokenizer = None  # set by `load` to the tokenizer saved with the checkpoint
+
+    # ------------------------------------------------------------------ towers
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> unnormalised image embeddings (B, E).
+
+        Equals `visual_projection(visual(image).pooled)`, computed with `_pooled_last_block`.
+        """
+        v = self.visual
+        x = v.ln_pre(v.embed(image))  # (B, 1 + N, D)
+        pooled = _pooled_last_block(v.transformer.blocks, x, query_index=None, key_mask=None, causal=False)
+        return self.visual_projection(v.ln_post(pooled))  # (B, E)
+
+    def _text_inputs(self, text) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if isinstance(text, dict):
+            if "input_ids" not in text:
+                raise ValueError(f"a text dict needs 'input_ids' (and 'attention_mask'), got keys {sorted(text)}")
+            return text["input_ids"], text.get("attention_mask")
+        if isinstance(text, torch.Tensor):
+            if self.config.pad_id is None:
+                raise ValueError("a bare (B, T) id tensor needs config.pad_id to find the padding; "
+                                 "pass dict(input_ids=..., attention_mask=...) instead")
+            return text, (text != self.config.pad_id).long()
+        raise TypeError(f"text must be a (B, T) LongTensor or a dict with input_ids/attention_mask, "
+                        f"got {type(text).__name__}")
+
+    def encode_text(self, text) -> torch.Tensor:
+        """Token ids (B, T) - a tensor from `tokenize` or a tokenizer's dict - -> embeddings (B, E)."""
+        input_ids, mask = self._text_inputs(text)
+        check_tokens(input_ids, self.config.text.vocab_size, self.config.text.context_length)
+        if mask is None:
+            last = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
+        else:
+            if mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask {tuple(mask.shape)} must match input_ids {tuple(input_ids.shape)}")
+            if (mask[:, 1:] > mask[:, :-1]).any():
+                raise ValueError("texts must be right-padded (attention_mask like 1 1 1 0 0)")
+            last = mask.long().sum(1) - 1
+            if (last < 0).any():
+                raise ValueError("every text needs at least one real token (a row of attention_mask is all zeros)")
+        # Right padding under a causal mask: real tokens never see the pads, so the padding mask
+        # changes nothing we read. Leaving it out lets attention use the fused causal kernel.
+        t = self.text
+        x = t.token_embedding(input_ids) + t.pos_embed[:input_ids.shape[1]]  # (B, T, D)
+        keys = torch.arange(input_ids.shape[1], device=input_ids.device)[None] <= last[:, None]  # (B, T)
+        pooled = _pooled_last_block(t.transformer.blocks, x, query_index=last, key_mask=keys, causal=True)
+        return self.text_projection(t.ln_final(pooled))  # (B, E), = text(ids).tokens at eos, projected
+
+    # ------------------------------------------------------------------ logits and loss
+    def scale(self) -> torch.Tensor:
+        """exp(logit_scale) = 1 / temperature, clamped at `config.logit_scale_max`."""
+        return self.logit_scale.exp().clamp(max=self.config.logit_scale_max)
+
+    def clamp_logit_scale_(self) -> None:
+        """Clamp the stored log scale in place, as OpenAI does after each optimizer step."""
+        with torch.no_grad():
+            self.logit_scale.clamp_(0.0, math.log(self.config.logit_scale_max))
+
+    def forward(self, image: torch.Tensor, text) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (logits_per_image (B_img, B_txt), logits_per_text (B_txt, B_img)), like OpenAI's CLIP."""
+        image_features = F.normalize(self.encode_image(image).float(), dim=-1)
+        text_features = F.normalize(self.encode_text(text).float(), dim=-1)
+        logits_per_image = self.scale() * image_features @ text_features.T  # (B_img, B_txt)
+        return logits_per_image, logits_per_image.T
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """Contrastive loss on batch{image, input_ids, attention_mask}: the pairs on the diagonal, plus
+        batch["positives"] (B, B) when given (text j also describes image i; see `clip_loss`)."""
+        for key in ("image", "input_ids"):
+            if key not in batch:
+                raise ValueError(f"CLIP.loss needs batch[{key!r}], got keys {sorted(batch)}")
+        self.clamp_logit_scale_()  # the previous step may have pushed it past the maximum
+        image_features = self.encode_image(batch["image"])
+        text_features = self.encode_text({"input_ids": batch["input_ids"],
+                                          "attention_mask": batch.get("attention_mask")})
+        scale = self.scale()
+        loss = clip_loss(image_features, text_features, temperature=1 / scale, positives=batch.get("positives"))
+        with torch.no_grad():  # in-batch retrieval accuracy: a cheap sign of learning
+            sims = F.normalize(image_features.float(), dim=-1) @ F.normalize(text_features.float(), dim=-1).T
+            pos = batch.get("positives")
+            pos = torch.eye(sims.shape[0], dtype=torch.bool, device=sims.device) if pos is None else pos.bool()
+            rows = torch.arange(sims.shape[0], device=sims.device)
+            i2t = pos[rows, sims.argmax(1)].float().mean().item()  # the best text is a valid caption
+            t2i = pos[sims.argmax(0), rows].float().mean().item()
+        return loss, {"i2t_acc": i2t, "t2i_acc": t2i, "logit_scale": scale.item()}
+
+    def tokenize(self, texts: str | list[str], truncate: bool = False) -> torch.Tensor:
+        """`minivl.clip.tokenize` with this model's tokenizer and context length, on its device."""
+        ids = tokenize(texts, self.config.text.context_length, truncate, tokenizer=self.tokenizer)
+        return ids.to(self.logit_scale.device)
+
+
+# ---------------------------------------------------------------------- the openai/clip-style API
+def tokenize(texts: str | list[str], context_length: int = CONTEXT_LENGTH, truncate: bool = False,
+             tokenizer=None) -> torch.Tensor:
+    """Texts -> (B, context_length) LongTensor of token ids, right-padded, bos ... eos, like `clip.tokenize`.
+
+    A text longer than `context_length` raises ValueError unless `truncate=True`, which cuts it
+    and keeps eos last. The default tokenizer is the Shapes World BPE every preset uses; pass
+    `tokenizer=model.tokenizer` to use the one saved with a checkpoint (they are the same file
+    for checkpoints trained by `minivl.recipes.clip`).
+    """
+    if tokenizer is None:
+        from minivl.data import world_tokenizer
+        tokenizer = world_tokenizer()
+    return tokenizer(texts, context_length=context_length, truncate=truncate)["input_ids"]  # (B, T)
+
+
+class Preprocess:
+    """Image -> (3, S, S) float tensor in [-1, 1], the input `CLIP.encode_image` expects.
+
+    Takes a PIL image, a uint8 numpy array (H, W, 3), a uint8 tensor (H, W, 3) or (3, H, W), or a
+    float tensor (3, H, W) in [0, 1]; resizes (bilinear, antialiased) when the size differs.
+    """
+
+    def __init__(self, image_size: int) -> None:
+        self.image_size = image_size
+
+    def __repr__(self) -> str:
+        return f"Preprocess(image_size={self.image_size}, range=[-1, 1])"
+
+    def __call__(self, image) -> torch.Tensor:
+        if type(image).__module__.startswith("PIL."):  # a PIL image, without importing PIL
+            image = np.asarray(image.convert("RGB"))
+        if not isinstance(image, torch.Tensor):
+            if not isinstance(image, np.ndarray):
+                raise TypeError(f"expected a PIL image, numpy array or tensor, got {type(image).__name__}")
+            if image.dtype.name != "uint8" or image.ndim != 3 or image.shape[2] != 3:
+                raise ValueError(f"numpy images must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
+            image = torch.from_numpy(image.copy())
+        if image.dim() != 3 or 3 not in (image.shape[0], image.shape[-1]):
+            raise ValueError(f"image tensors must be (H, W, 3) or (3, H, W), got {tuple(image.shape)}")
+        if image.dtype == torch.uint8:
+            if image.shape[-1] == 3 and image.shape[0] != 3:
+                image = image.permute(2, 0, 1)  # (3, H, W)
+            x = image.float() / 255
+        elif image.is_floating_point():
+            if image.shape[0] != 3:
+                raise ValueError(f"float image tensors must be (3, H, W), got {tuple(image.shape)}")
+            if image.min() < 0 or image.max() > 1:
+                raise ValueError(f"float image tensors must lie in [0, 1], got [{image.min():.3g}, {image.max():.3g}]")
+            x = image.float()
+        else:
+            raise TypeError(f"image tensors must be uint8 or float, got {image.dtype}")
+        if x.shape[1:] != (self.image_size, self.image_size):
+            x = F.interpolate(x[None], size=(self.image_size,) * 2, mode="bilinear",
+                              antialias=True, align_corners=False)[0].clamp(0, 1)
+        return (x - 0.5) / 0.5  # (3, S, S), the minivl.data.image_to_tensor convention
+
+
+def checkpoints_dir() -> Path:
+    """data/checkpoints (or $MINIVL_DATA/checkpoints): where training writes named checkpoints."""
+    return minivl.data_dir() / "checkpoints"
+
+
+def available_models() -> list[str]:
+    """Names `load` accepts: the CLIP checkpoints under data/checkpoints (written by training)."""
+    root, names = checkpoints_dir(), []
+    if root.is_dir():
+        for d in sorted(root.iterdir()):
+            cfg = d / "config.json"
+            if d.is_dir() and not d.name.startswith(".") and cfg.is_file():
+                try:
+                    if json.loads(cfg.read_text()).get("class") == "CLIP":
+                        names.append(d.name)
+                except (OSError, ValueError):
+                    continue
+    return names
+
+
+def save(model: CLIP, path, tokenizer=None) -> None:
+    """Write a checkpoint folder: config.json + model.safetensors (+ tokenizer.json), atomically."""
+    tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+    with atomic_dir(path) as tmp:
+        write_model_files(model, tmp)
+        if tokenizer is not None:
+            tokenizer.save(tmp / "tokenizer.json")
+
+
+def load(name_or_path, device: str | torch.device | None = None) -> tuple[CLIP, Preprocess]:
+    """-> (model in eval mode on `device`, preprocess), like `clip.load`.
+
+    `name_or_path` is a name from `available_models()` or a checkpoint folder. The checkpoint's
+    tokenizer (tokenizer.json) is attached as `model.tokenizer`; `model.tokenize(texts)` uses it.
+    """
+    if not isinstance(name_or_path, (str, Path)):
+        raise TypeError(f"name_or_path must be a str or Path, got {type(name_or_path).__name__}")
+    path = Path(name_or_path)
+    if not (path / "config.json").is_file():
+        names = available_models()
+        if str(name_or_path) not in names:
+            listed = ", ".join(repr(n) for n in names) or "none yet (train one: python -m minivl train clip)"
+            raise ValueError(f"unknown CLIP model {str(name_or_path)!r}; available models: {listed} "
+                             f"(in {checkpoints_dir()}), or pass a checkpoint folder")
+        path = checkpoints_dir() / str(name_or_path)
+    dev = minivl.device(None if device is None else str(device))
+    model = CLIP.load(path, map_location=dev).eval()
+    if (path / "tokenizer.json").is_file():
+        model.tokenizer = Tokenizer.load(path / "tokenizer.json")
+    return model, Preprocess(model.config.vision.image_size)
+
+
+# zero-shot, retrieval and the linear probe, so that `minivl.clip` is the one import a user needs
+from minivl.clip_eval import (  # noqa: E402
+    SHAPES_TEMPLATES, ZeroShotClassifier, encode_images, encode_texts, ensemble_class_embeddings, linear_probe,
+    retrieval_eval, zero_shot_eval, zero_shot_logits, zero_shot_predict)
+
+__all__ = ["CLIP", "CLIPConfig", "PRESETS", "CONTEXT_LENGTH", "clip_loss", "tokenize", "Preprocess",
+           "available_models", "load", "save", "checkpoints_dir", "SHAPES_TEMPLATES", "ZeroShotClassifier",
+           "encode_images", "encode_texts", "ensemble_class_embeddings", "zero_shot_logits", "zero_shot_predict",
+           "zero_shot_eval", "retrieval_eval", "linear_probe"]

@@ -1,0 +1,237 @@
+"""The main job: train CLIP on Shapes World, evaluate it, and write a checkpoint and a run folder.
+
+    python -m minivl train clip [--preset tiny|cpu|gpu] [--device ...] [--steps N] [--out DIR]
+
+What it builds: a stream of image-caption pairs (fresh scenes every step, a share of them
+single-object, one caption phrasing drawn per scene), the `minivl.train.Trainer` loop, and the
+evaluation of CLIP (Radford et al., 2021): zero-shot top-1 over all colour x shape classes on
+single-object test scenes (seen combinations) and on held-out combinations, image<->text
+retrieval R@1/5/10 on 1,000 test scenes (a hit is any valid caption of the image), and a linear
+probe on frozen image features. The checkpoint lands in data/checkpoints/clip-<preset> (so
+`minivl.clip.load("clip-cpu")` finds it), the run folder in data/runs/clip-<preset>: metrics.json,
+history.json and plots (loss curve, similarity matrix, zero-shot confusion matrix).
+
+The one idea to take away: nothing here is specific to classification or retrieval. One
+contrastive objective on captions, and both tasks come out of it for free.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import minivl
+from minivl import clip as clip_lib
+from minivl.clip import CLIP, CLIPConfig
+from minivl.data import CaptionDataset, collate, image_to_tensor, world_tokenizer
+from minivl.train import TrainConfig, Trainer
+from minivl.world import World
+
+# Recipe settings per preset (the model sizes are minivl.clip.PRESETS).
+RECIPES = {
+    "tiny": dict(steps=60, batch_size=32, lr=2e-3, warmup_steps=10, weight_decay=0.1, single_object=0.5, positives=True,
+                 eval_every=0, eval_images=70, heldout_images=50, retrieval_scenes=100, probe_images=200,
+                 bf16=False),
+    "cpu": dict(steps=1500, batch_size=128, lr=2e-3, warmup_steps=100, weight_decay=0.1, single_object=0.5, positives=True,
+                eval_every=500, eval_images=1000, heldout_images=500, retrieval_scenes=1000, probe_images=2000,
+                bf16=False),
+    "gpu": dict(steps=6000, batch_size=512, lr=1e-3, warmup_steps=300, weight_decay=0.1, single_object=0.5, positives=True,
+                eval_every=1000, eval_images=2000, heldout_images=1000, retrieval_scenes=1000, probe_images=5000,
+                bf16=True),
+}
+
+
+class SingleObjectCaptions(CaptionDataset):
+    """Caption pairs of one-object scenes: the zero-shot classifier's prompts look like them."""
+    n_objects = 1
+
+
+def make_batches(world: World, tokenizer, batch_size: int, single_object, context_length: int,
+                 seed: int = 0, positives: bool = True, steps: int | None = None):
+    """get_batch(step) -> {image, input_ids, attention_mask[, positives]}: a pure function of (seed, step).
+
+    Every step draws fresh scenes (index = step * batch + row), so the model never sees a pair twice.
+    `single_object` is the share of one-object scenes, or a (start, end) pair moved linearly over
+    `steps`: a curriculum that teaches shapes on single objects first, then composition on crowded
+    scenes. With `positives`, the batch says which captions also describe which images (see clip_loss).
+    """
+    start, end = (single_object, single_object) if isinstance(single_object, (int, float)) else single_object
+    if not (0 <= start <= 1 and 0 <= end <= 1):
+        raise ValueError(f"single_object must be a share in [0, 1] or a (start, end) pair of them, got {single_object!r}")
+    length = 2**62  # scenes are made on demand: the "dataset" is as long as we like
+    multi, single = CaptionDataset(world, "train", length), SingleObjectCaptions(world, "train", length)
+
+    def get_batch(step: int) -> dict:
+        share = start + (end - start) * min(1.0, step / max(1, (steps or 1) - 1))
+        rng = np.random.default_rng([seed, step])
+        first = seed * 2**40 + step * batch_size
+        items = [(single if rng.random() < share else multi)[first + j] for j in range(batch_size)]
+        batch = collate([{"image": it["image"], "text": it["text"]} for it in items])
+        enc = tokenizer(batch["text"])  # padded to the longest caption, not the context length
+        if enc["input_ids"].shape[1] > context_length:
+            enc = tokenizer(batch["text"], context_length=context_length, truncate=True)
+        out = {"image": batch["image"], **enc}  # text strings stay out: the trainer moves tensors
+        if positives:  # text j is a valid caption of image i: not a negative for it
+            refs = [set(it["references"]) for it in items]
+            out["positives"] = torch.tensor([[t in r for t in batch["text"]] for r in refs])  # (B, B)
+        return out
+    return get_batch
+
+
+def eval_sets(world: World, eval_images: int, heldout_images: int, retrieval_scenes: int,
+              probe_images: int = 0) -> dict:
+    """Frozen test data: single-object test scenes (seen pairs) and held-out pairs with class labels;
+    retrieval scenes with one caption each and the (scene, caption) validity mask; probe training images."""
+    def singles(split, n, offset=0):
+        scenes = [world.scene(offset + i, split, n_objects=1) for i in range(n)]
+        images = image_to_tensor(np.stack([s.image for s in scenes]))  # (N, 3, H, W)
+        return images, torch.tensor([world.class_index(s) for s in scenes])
+
+    sets = {"seen": singles("test", eval_images), "heldout": singles("heldout", heldout_images)}
+    if probe_images:
+        sets["probe_train"] = singles("train", probe_images, offset=10**9)  # not the training stream's scenes
+    ds = CaptionDataset(world, "test", retrieval_scenes)
+    items = [ds[i] for i in range(retrieval_scenes)]
+    texts = [it["text"] for it in items]
+    refs = [set(it["references"]) for it in items]
+    positives = torch.tensor([[t in r for t in texts] for r in refs])  # (N_img, N_txt): captions repeat
+    sets["retrieval"] = (torch.stack([it["image"] for it in items]), texts, positives)
+    return sets
+
+
+@torch.no_grad()
+def evaluate(model: CLIP, world: World, sets: dict, tokenizer, probe: bool = False, details: dict | None = None) -> dict:
+    """Zero-shot top-1/top-5 (seen, held-out), retrieval R@1/5/10 + median rank, optionally the linear probe.
+
+    Pass a dict as `details` to receive the confusion matrices, features and the retrieval similarity matrix.
+    """
+    zs = clip_lib.ZeroShotClassifier(model, world.classes, clip_lib.SHAPES_TEMPLATES, tokenizer)
+    out, details = {}, details if details is not None else {}
+    for name in ("seen", "heldout"):
+        images, labels = sets[name]
+        feats = clip_lib.encode_images(model, images)
+        res = clip_lib.zero_shot_eval(feats, labels, zs.class_embeddings)
+        out[f"zeroshot_{name}_top1"], out[f"zeroshot_{name}_top5"] = res["top1"], res["top5"]
+        # which half of the name was wrong: the confusion matrix's rows are the truth, columns the guess
+        truth, guess = torch.nonzero(res["confusion"], as_tuple=True)
+        counts = res["confusion"][truth, guess].double()
+        for part, axis in (("color", 0), ("shape", 1)):
+            same = torch.tensor([world.combos[t][axis] == world.combos[g][axis] for t, g in zip(truth, guess)])
+            out[f"zeroshot_{name}_{part}_acc"] = (counts * same).sum().item() / counts.sum().item()
+        details[f"confusion_{name}"], details[f"features_{name}"] = res["confusion"], feats
+    images, texts, positives = sets["retrieval"]
+    img_f, txt_f = clip_lib.encode_images(model, images), clip_lib.encode_texts(model, texts, tokenizer)
+    for k, v in clip_lib.retrieval_eval(img_f, txt_f, positives).items():
+        out[f"retrieval_{k}"] = v
+    details["retrieval_sim"] = img_f @ txt_f.T
+    if probe and "probe_train" in sets:
+        train_images, train_labels = sets["probe_train"]
+        res = clip_lib.linear_probe(clip_lib.encode_images(model, train_images), train_labels,
+                                    details["features_seen"], sets["seen"][1], num_classes=len(world.classes))
+        out["linear_probe_top1"] = res["test_acc"]
+    return out
+
+
+def _plots(run_dir: Path, history, details: dict, sets: dict, world: World) -> None:
+    import matplotlib.pyplot as plt
+
+    from minivl import viz
+    curve = {"step": [r["step"] for r in history.train], "loss": [r["loss"] for r in history.train]}
+    viz.savefig(viz.plot_loss_curve(curve, title="CLIP contrastive loss"), run_dir / "loss.png", close=True)
+    images, texts, _ = sets["retrieval"]
+    n = min(10, len(texts))
+    fig = viz.plot_similarity_matrix(details["retrieval_sim"][:n, :n].T, row_labels=texts[:n],
+                                     images=[img for img in images[:n]], title="cosine similarity: texts x images")
+    viz.savefig(fig, run_dir / "similarity.png", close=True)
+    fig = viz.plot_confusion_matrix(details["confusion_seen"], world.classes,
+                                    title="zero-shot, single-object test scenes")
+    viz.savefig(fig, run_dir / "confusion.png", close=True)
+    plt.close("all")
+
+
+def run(preset: str = "cpu", steps: int | None = None, device=None, out=None, seed: int = 0, bf16: bool = False,
+        progress: bool = True, checkpoint: str | Path | None = None) -> dict:
+    """Train, evaluate, save; returns the metrics dict (also written to <run folder>/metrics.json).
+
+    `checkpoint` defaults to data/checkpoints/clip-<preset>; `out` (the run folder) to data/runs/clip-<preset>.
+    """
+    if preset not in RECIPES:
+        raise ValueError(f"unknown CLIP preset {preset!r}; choose from {sorted(RECIPES)}")
+    recipe = dict(RECIPES[preset])
+    if steps is not None:
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        recipe["steps"] = steps
+    tokenizer = world_tokenizer()  # the one BPE every preset reads
+    config = CLIPConfig.preset(preset, pad_id=tokenizer.pad_id)
+    if tokenizer.vocab_size != config.text.vocab_size:
+        raise ValueError(f"the world tokenizer has {tokenizer.vocab_size} tokens, the {preset} preset expects "
+                         f"{config.text.vocab_size}")
+    world = World(image_size=config.vision.image_size)
+    run_dir = Path(out) if out is not None else minivl.data_dir() / "runs" / f"clip-{preset}"
+    ckpt_dir = Path(checkpoint) if checkpoint is not None else clip_lib.checkpoints_dir() / f"clip-{preset}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    minivl.seed_everything(seed)
+    model = CLIP(config)
+    model.tokenizer = tokenizer
+    sets = eval_sets(world, recipe["eval_images"], recipe["heldout_images"], recipe["retrieval_scenes"],
+                     recipe["probe_images"])
+    small = {k: (v[0][:200], v[1][:200]) if k in ("seen", "heldout") else v for k, v in sets.items()}
+    train_cfg = TrainConfig(steps=recipe["steps"], lr=recipe["lr"], weight_decay=recipe["weight_decay"],
+                            warmup_steps=min(recipe["warmup_steps"], recipe["steps"] // 5),
+                            bf16=True if bf16 else (None if recipe["bf16"] else False),
+                            eval_every=recipe["eval_every"], log_every=10, seed=seed, progress=progress)
+    trainer = Trainer(model, make_batches(world, tokenizer, recipe["batch_size"], recipe["single_object"],
+                                          config.text.context_length, seed, recipe["positives"], recipe["steps"]),
+                      train_cfg, eval_fn=lambda m, step: evaluate(m, world, small, tokenizer), out_dir=run_dir,
+                      device=device)
+    load_before = os.getloadavg()[0]
+    tic = time.perf_counter()
+    history = trainer.fit()
+    train_s = time.perf_counter() - tic
+    model.eval()
+    details = {}
+    with torch.no_grad(), trainer._autocast():
+        metrics = evaluate(model, world, sets, tokenizer, probe=True, details=details)
+    clip_lib.save(model, ckpt_dir, tokenizer)
+
+    result = {"preset": preset, **metrics, "train_seconds": train_s, "steps": recipe["steps"],
+              "train_images_per_s": recipe["steps"] * recipe["batch_size"] / train_s,
+              "final_loss": history.train[-1]["loss"], "logit_scale": model.scale().item(),
+              "device": str(trainer.device), "bf16": trainer.bf16, "torch_threads": torch.get_num_threads(),
+              "loadavg_1min": [load_before, os.getloadavg()[0]], "checkpoint": str(ckpt_dir),
+              "recipe": recipe, "config": asdict(config), "world_version": world.version}
+    (run_dir / "metrics.json").write_text(json.dumps(result, indent=1))
+    _plots(run_dir, history, details, sets, world)
+    return result
+
+
+def summary(m: dict) -> str:
+    pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+    return "\n".join([
+        f"CLIP {m['preset']}: {m['steps']} steps in {m['train_seconds'] / 60:.1f} min "
+        f"({m['train_images_per_s']:.0f} images/s on {m['device']}, load {m['loadavg_1min'][0]:.1f})",
+        f"  zero-shot top-1 over all colour x shape classes: seen {pct(m['zeroshot_seen_top1'])}"
+        f" | held-out {pct(m['zeroshot_heldout_top1'])} (colour {pct(m['zeroshot_heldout_color_acc'])},"
+        f" shape {pct(m['zeroshot_heldout_shape_acc'])})",
+        f"  linear probe top-1 (seen): {pct(m['linear_probe_top1'])}",
+        f"  retrieval on {m['recipe']['retrieval_scenes']} test scenes: image->text R@1/5/10 "
+        f"{pct(m['retrieval_i2t_R@1'])} / {pct(m['retrieval_i2t_R@5'])} / {pct(m['retrieval_i2t_R@10'])}"
+        f" (median rank {m['retrieval_i2t_median_rank']:.0f}); text->image "
+        f"{pct(m['retrieval_t2i_R@1'])} / {pct(m['retrieval_t2i_R@5'])} / {pct(m['retrieval_t2i_R@10'])}"
+        f" (median rank {m['retrieval_t2i_median_rank']:.0f})",
+        f"  checkpoint: {m['checkpoint']}  ->  minivl.clip.load({Path(m['checkpoint']).name!r})",
+    ])
+
+
+def main(args) -> int:
+    result = run(args.preset, steps=args.steps, device=args.device, out=args.out, seed=args.seed,
+                 bf16=args.bf16, progress=True)
+    print(summary(result))
+    return 0
