@@ -148,7 +148,9 @@ def plot_similarity_matrix(sim, row_labels=None, col_labels=None, images=None, t
     for name, labels, want in (("row_labels", row_labels, N), ("col_labels", col_labels, M), ("images", images, M)):
         if labels is not None and len(labels) != want:
             raise ValueError(f"{name} has {len(labels)} entries, expected {want} for sim of shape {sim.shape}")
-    fig, ax = plt.subplots(figsize=(1.5 + 0.55 * M, 1.2 + 0.45 * N + 0.6 * (images is not None)))
+    label_in = 0.055 * max((len(str(r)) for r in row_labels), default=0) if row_labels is not None else 0.3
+    # widen by the longest row label (about 0.055 in per character at fontsize 7) so captions never squash the cells
+    fig, ax = plt.subplots(figsize=(1.5 + label_in + 0.55 * M, 1.2 + 0.45 * N + 0.6 * (images is not None)))
     im = ax.imshow(sim, cmap="viridis", aspect="auto")
     if N * M <= 400:
         for i in range(N):
