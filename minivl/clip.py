@@ -13,8 +13,8 @@ names match OpenAI's CLIP closely enough that `transformers` CLIP weights port u
     logits_per_image, logits_per_text = model(image, text)
     probs = logits_per_image.softmax(dim=-1)
 
-Zero-shot classification, retrieval and the linear probe live in `minivl.clip_eval` and are
-re-exported here.
+Loading and tokenizing live in `minivl.clip_api`; zero-shot classification, retrieval and the
+linear probe in `minivl.clip_eval`; both are re-exported here.
 
 The one idea to take away: in a batch of B pairs, every other caption is a negative for an image.
 The loss is a B-way classification in both directions with the diagonal as the answer, so the
@@ -23,36 +23,38 @@ anything that can be written as text becomes a classifier without training.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import minivl
-from minivl.checkpoint import Checkpointable, atomic_dir, write_model_files
+from minivl.checkpoint import Checkpointable
+# re-exported so that `minivl.clip` is the one import a user needs: loading, tokenizing and preprocessing
+# like openai/clip (clip_api), then zero-shot, retrieval and the linear probe (clip_eval)
+from minivl.clip_api import CONTEXT_LENGTH, Preprocess, available_models, checkpoints_dir, load, save, tokenize
+from minivl.clip_eval import (SHAPES_TEMPLATES, ZeroShotClassifier, encode_images, encode_texts,
+                              ensemble_class_embeddings, fix_articles, linear_probe, retrieval_eval, zero_shot_eval,
+                              zero_shot_logits, zero_shot_predict)
 from minivl.text import TextConfig, TextEncoder, check_tokens
-from minivl.tokenizer import Tokenizer
 from minivl.vit import ViTConfig, VisionTransformer
 
 PRESETS = {
     # every preset reads the same 512-token Shapes World BPE (`minivl.data.world_tokenizer()`),
     # as every OpenAI CLIP reads the same BPE: `tokenize` needs no model to work
     "tiny": dict(vision=dict(image_size=32, patch_size=8, width=32, depth=2, heads=2),
-                 text=dict(vocab_size=512, context_length=40, width=32, depth=2, heads=2),
+                 text=dict(vocab_size=512, context_length=CONTEXT_LENGTH, width=32, depth=2, heads=2),
                  embed_dim=32),
-    "cpu": dict(vision=dict(image_size=64, patch_size=8, width=128, depth=4, heads=4),
-                text=dict(vocab_size=512, context_length=40, width=128, depth=3, heads=4),
-                embed_dim=128),
+    # narrow towers: on a 2-core CPU the budget is images seen, and a ViT needs ~100k of them
+    # before it reads shapes (colour comes in a few hundred steps, shape much later)
+    "cpu": dict(vision=dict(image_size=64, patch_size=8, width=64, depth=4, heads=4),
+                text=dict(vocab_size=512, context_length=CONTEXT_LENGTH, width=64, depth=2, heads=4),
+                embed_dim=64),
     "gpu": dict(vision=dict(image_size=128, patch_size=8, width=384, depth=8, heads=6),
-                text=dict(vocab_size=512, context_length=40, width=384, depth=6, heads=6),
+                text=dict(vocab_size=512, context_length=CONTEXT_LENGTH, width=384, depth=6, heads=6),
                 embed_dim=256),
 }
-CONTEXT_LENGTH = 40  # tokens per text for every preset (OpenAI's CLIP: 77); Shapes World captions fit
 
 
 @dataclass
@@ -248,122 +250,7 @@ class CLIP(Checkpointable, nn.Module):
         return ids.to(self.logit_scale.device)
 
 
-# ---------------------------------------------------------------------- the openai/clip-style API
-def tokenize(texts: str | list[str], context_length: int = CONTEXT_LENGTH, truncate: bool = False,
-             tokenizer=None) -> torch.Tensor:
-    """Texts -> (B, context_length) LongTensor of token ids, right-padded, bos ... eos, like `clip.tokenize`.
-
-    A text longer than `context_length` raises ValueError unless `truncate=True`, which cuts it
-    and keeps eos last. The default tokenizer is the Shapes World BPE every preset uses; pass
-    `tokenizer=model.tokenizer` to use the one saved with a checkpoint (they are the same file
-    for checkpoints trained by `minivl.recipes.clip`).
-    """
-    if tokenizer is None:
-        from minivl.data import world_tokenizer
-        tokenizer = world_tokenizer()
-    return tokenizer(texts, context_length=context_length, truncate=truncate)["input_ids"]  # (B, T)
-
-
-class Preprocess:
-    """Image -> (3, S, S) float tensor in [-1, 1], the input `CLIP.encode_image` expects.
-
-    Takes a PIL image, a uint8 numpy array (H, W, 3), a uint8 tensor (H, W, 3) or (3, H, W), or a
-    float tensor (3, H, W) in [0, 1]; resizes (bilinear, antialiased) when the size differs.
-    """
-
-    def __init__(self, image_size: int) -> None:
-        self.image_size = image_size
-
-    def __repr__(self) -> str:
-        return f"Preprocess(image_size={self.image_size}, range=[-1, 1])"
-
-    def __call__(self, image) -> torch.Tensor:
-        if type(image).__module__.startswith("PIL."):  # a PIL image, without importing PIL
-            image = np.asarray(image.convert("RGB"))
-        if not isinstance(image, torch.Tensor):
-            if not isinstance(image, np.ndarray):
-                raise TypeError(f"expected a PIL image, numpy array or tensor, got {type(image).__name__}")
-            if image.dtype.name != "uint8" or image.ndim != 3 or image.shape[2] != 3:
-                raise ValueError(f"numpy images must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
-            image = torch.from_numpy(image.copy())
-        if image.dim() != 3 or 3 not in (image.shape[0], image.shape[-1]):
-            raise ValueError(f"image tensors must be (H, W, 3) or (3, H, W), got {tuple(image.shape)}")
-        if image.dtype == torch.uint8:
-            if image.shape[-1] == 3 and image.shape[0] != 3:
-                image = image.permute(2, 0, 1)  # (3, H, W)
-            x = image.float() / 255
-        elif image.is_floating_point():
-            if image.shape[0] != 3:
-                raise ValueError(f"float image tensors must be (3, H, W), got {tuple(image.shape)}")
-            if image.min() < 0 or image.max() > 1:
-                raise ValueError(f"float image tensors must lie in [0, 1], got [{image.min():.3g}, {image.max():.3g}]")
-            x = image.float()
-        else:
-            raise TypeError(f"image tensors must be uint8 or float, got {image.dtype}")
-        if x.shape[1:] != (self.image_size, self.image_size):
-            x = F.interpolate(x[None], size=(self.image_size,) * 2, mode="bilinear",
-                              antialias=True, align_corners=False)[0].clamp(0, 1)
-        return (x - 0.5) / 0.5  # (3, S, S), the minivl.data.image_to_tensor convention
-
-
-def checkpoints_dir() -> Path:
-    """data/checkpoints (or $MINIVL_DATA/checkpoints): where training writes named checkpoints."""
-    return minivl.data_dir() / "checkpoints"
-
-
-def available_models() -> list[str]:
-    """Names `load` accepts: the CLIP checkpoints under data/checkpoints (written by training)."""
-    root, names = checkpoints_dir(), []
-    if root.is_dir():
-        for d in sorted(root.iterdir()):
-            cfg = d / "config.json"
-            if d.is_dir() and not d.name.startswith(".") and cfg.is_file():
-                try:
-                    if json.loads(cfg.read_text()).get("class") == "CLIP":
-                        names.append(d.name)
-                except (OSError, ValueError):
-                    continue
-    return names
-
-
-def save(model: CLIP, path, tokenizer=None) -> None:
-    """Write a checkpoint folder: config.json + model.safetensors (+ tokenizer.json), atomically."""
-    tokenizer = tokenizer if tokenizer is not None else model.tokenizer
-    with atomic_dir(path) as tmp:
-        write_model_files(model, tmp)
-        if tokenizer is not None:
-            tokenizer.save(tmp / "tokenizer.json")
-
-
-def load(name_or_path, device: str | torch.device | None = None) -> tuple[CLIP, Preprocess]:
-    """-> (model in eval mode on `device`, preprocess), like `clip.load`.
-
-    `name_or_path` is a name from `available_models()` or a checkpoint folder. The checkpoint's
-    tokenizer (tokenizer.json) is attached as `model.tokenizer`; `model.tokenize(texts)` uses it.
-    """
-    if not isinstance(name_or_path, (str, Path)):
-        raise TypeError(f"name_or_path must be a str or Path, got {type(name_or_path).__name__}")
-    path = Path(name_or_path)
-    if not (path / "config.json").is_file():
-        names = available_models()
-        if str(name_or_path) not in names:
-            listed = ", ".join(repr(n) for n in names) or "none yet (train one: python -m minivl train clip)"
-            raise ValueError(f"unknown CLIP model {str(name_or_path)!r}; available models: {listed} "
-                             f"(in {checkpoints_dir()}), or pass a checkpoint folder")
-        path = checkpoints_dir() / str(name_or_path)
-    dev = minivl.device(None if device is None else str(device))
-    model = CLIP.load(path, map_location=dev).eval()
-    if (path / "tokenizer.json").is_file():
-        model.tokenizer = Tokenizer.load(path / "tokenizer.json")
-    return model, Preprocess(model.config.vision.image_size)
-
-
-# zero-shot, retrieval and the linear probe, so that `minivl.clip` is the one import a user needs
-from minivl.clip_eval import (  # noqa: E402
-    SHAPES_TEMPLATES, ZeroShotClassifier, encode_images, encode_texts, ensemble_class_embeddings, linear_probe,
-    retrieval_eval, zero_shot_eval, zero_shot_logits, zero_shot_predict)
-
 __all__ = ["CLIP", "CLIPConfig", "PRESETS", "CONTEXT_LENGTH", "clip_loss", "tokenize", "Preprocess",
            "available_models", "load", "save", "checkpoints_dir", "SHAPES_TEMPLATES", "ZeroShotClassifier",
-           "encode_images", "encode_texts", "ensemble_class_embeddings", "zero_shot_logits", "zero_shot_predict",
-           "zero_shot_eval", "retrieval_eval", "linear_probe"]
+           "fix_articles", "encode_images", "encode_texts", "ensemble_class_embeddings", "zero_shot_logits",
+           "zero_shot_predict", "zero_shot_eval", "retrieval_eval", "linear_probe"]

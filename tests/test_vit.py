@@ -182,6 +182,44 @@ def test_classifier_save_load_roundtrip(tmp_path):
     assert F.softmax(loaded(x), -1).shape == (2, 3)
 
 
+def test_input_normalisation_is_a_per_channel_standardisation():
+    # a ViT with image_mean/std equals the identity-config ViT fed (x - mean) / std by hand
+    mean, std = (-0.6, -0.5, 0.1), (0.3, 0.25, 2.0)
+    plain, normed = _vit(), _vit(image_mean=mean, image_std=std)
+    normed.load_state_dict(plain.state_dict())
+    x = _images()
+    by_hand = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(normed(x).tokens, plain(by_hand).tokens)
+        assert not torch.allclose(normed(x).tokens, plain(x).tokens)  # the statistics are used
+    assert ViTConfig().image_mean == (0.0, 0.0, 0.0) and ViTConfig().image_std == (1.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="std > 0"):
+        ViTConfig(image_std=(1.0, 0.0, 1.0))
+    with pytest.raises(ValueError, match="3 values each"):
+        ViTConfig(image_mean=(0.0, 0.0))
+
+
+def test_normalised_classifier_checkpoint_keeps_its_statistics(tmp_path):
+    torch.manual_seed(0)
+    model = ViTClassifier(ViTConfig.preset("tiny", num_classes=3, image_mean=(-0.7,) * 3, image_std=(0.2,) * 3))
+    model.save(tmp_path / "vit")
+    loaded = ViTClassifier.load(tmp_path / "vit").eval()
+    assert loaded.config.image_mean == (-0.7,) * 3 and loaded.config == model.config  # JSON lists -> tuples
+    x = _images(B=2)
+    torch.testing.assert_close(loaded(x), model.eval()(x))
+
+
+def test_recipe_pixel_stats_match_the_training_images():
+    from minivl.recipes import vit as recipe
+    from minivl.world import World
+    world = World(image_size=32)
+    mean, std = recipe.pixel_stats(world)
+    assert all(-1 < m < -0.3 for m in mean), mean  # a dark background with one small bright object
+    assert all(0.05 < s < 1 for s in std), std
+    config = recipe.model_config("tiny", world)
+    assert config.image_mean == mean and config.image_std == std and config.num_classes == len(world.classes)
+
+
 # ---- the recipe (python -m minivl train vit) and the bench (python -m minivl bench vit) ----
 
 def test_recipe_tiny_run_writes_checkpoint_and_run_folder(tmp_path):

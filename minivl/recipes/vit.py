@@ -33,15 +33,39 @@ from minivl.train import TrainConfig, Trainer
 from minivl.vit import ViTClassifier, ViTConfig
 from minivl.world import World
 
-# Recipe settings per preset (the model sizes are minivl.vit.PRESETS).
+# Recipe settings per preset (the model sizes are minivl.vit.PRESETS). `normalize` standardises the
+# pixels with the training images' per-channel mean/std (`pixel_stats`). Shapes World is a dark
+# background (about -0.7 in [-1, 1]) with a small bright object: unnormalised, every patch token
+# shares one large component and the ViT needs about twice the steps to start telling shapes apart.
 RECIPES = {
-    "tiny": dict(steps=40, batch_size=32, lr=3e-3, warmup_steps=5, weight_decay=0.05,
+    "tiny": dict(normalize=True, steps=40, batch_size=32, lr=3e-3, warmup_steps=5, weight_decay=0.05,
                  eval_every=0, eval_images=200, heldout_images=100, bf16=False),
-    "cpu": dict(steps=1500, batch_size=128, lr=2e-3, warmup_steps=100, weight_decay=0.05,
-                eval_every=175, eval_images=2000, heldout_images=1000, bf16=False),
-    "gpu": dict(steps=3000, batch_size=256, lr=1e-3, warmup_steps=200, weight_decay=0.05,
+    "cpu": dict(normalize=True, steps=1200, batch_size=128, lr=3e-3, warmup_steps=100, weight_decay=0.05,
+                eval_every=300, eval_images=2000, heldout_images=1000, bf16=False),
+    "gpu": dict(normalize=True, steps=3000, batch_size=256, lr=1e-3, warmup_steps=200, weight_decay=0.05,
                 eval_every=500, eval_images=5000, heldout_images=2000, bf16=True),
 }
+
+
+def pixel_stats(world: World, n: int = 1000) -> tuple[tuple, tuple]:
+    """Per-channel mean and std of image_to_tensor(image) over n single-object training scenes."""
+    images = image_to_tensor(np.stack([world.scene(i, "train", n_objects=1).image for i in range(n)]))  # (n, 3, H, W)
+    mean, std = images.mean(dim=(0, 2, 3)), images.std(dim=(0, 2, 3))
+    return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
+
+
+def model_config(preset: str, world: World | None = None) -> ViTConfig:
+    """The ViTConfig the recipe trains: the model preset, one class per colour x shape, and (with
+    `normalize`) the training images' pixel statistics."""
+    if preset not in RECIPES:
+        raise ValueError(f"unknown ViT preset {preset!r}; choose from {sorted(RECIPES)}")
+    recipe = RECIPES[preset]
+    config = ViTConfig.preset(preset)
+    world = world or World(image_size=config.image_size)
+    if world.config.image_size != config.image_size:
+        raise ValueError(f"world images are {world.config.image_size} px, the {preset} ViT expects {config.image_size}")
+    stats = dict(zip(("image_mean", "image_std"), pixel_stats(world))) if recipe["normalize"] else {}
+    return ViTConfig.preset(preset, **stats, num_classes=len(world.classes))
 
 
 def make_batches(world: World, batch_size: int, seed: int = 0):
@@ -138,7 +162,7 @@ def run(preset: str = "cpu", steps: int | None = None, device=None, out=None, se
             raise ValueError(f"steps must be a positive int, got {steps!r}")
         recipe["steps"] = steps
     world = World(image_size=ViTConfig.preset(preset).image_size)
-    config = ViTConfig.preset(preset, num_classes=len(world.classes))  # held-out classes get no positives
+    config = model_config(preset, world)  # one output per colour x shape; held-out ones never get a positive
     run_dir = Path(out) if out is not None else minivl.data_dir() / "runs" / f"vit-{preset}"
     ckpt_dir = Path(checkpoint) if checkpoint is not None else minivl.data_dir() / "checkpoints" / f"vit-{preset}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -176,7 +200,8 @@ def run(preset: str = "cpu", steps: int | None = None, device=None, out=None, se
 def summary(m: dict) -> str:
     pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
     return "\n".join([
-        f"ViT {m['preset']}: {m['steps']} steps in {m['train_seconds'] / 60:.1f} min "
+        f"ViT {m['preset']} (width {m['config']['width']}, depth {m['config']['depth']}, patch {m['config']['patch_size']}): "
+        f"{m['steps']} steps x {m['recipe']['batch_size']} images in {m['train_seconds'] / 60:.1f} min "
         f"({m['train_images_per_s']:.0f} images/s on {m['device']}, load {m['loadavg_1min'][0]:.1f})",
         f"  test top-1 over {m['seen_classes']} seen colour x shape classes: {pct(m['test_top1'])} "
         f"(top-5 {pct(m['test_top5'])}; colour {pct(m['test_color_acc'])}, shape {pct(m['test_shape_acc'])})",
