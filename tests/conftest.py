@@ -1,6 +1,4 @@
 """Shared test setup: a headless matplotlib, and checkpoints/run folders kept out of the repo."""
-import os
-
 import matplotlib
 
 matplotlib.use("Agg")

@@ -1,5 +1,4 @@
 """Every notebook runs top to bottom in fast mode (MINIVL_FAST=1), as a learner would open it."""
-import os
 from pathlib import Path
 
 import pytest

@@ -17,8 +17,6 @@ contrastive objective on captions, and both tasks come out of it for free.
 from __future__ import annotations
 
 import json
-import os
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,7 +27,8 @@ import minivl
 from minivl import clip as clip_lib
 from minivl.clip import CLIP, CLIPConfig
 from minivl.data import CaptionDataset, collate, image_to_tensor, world_tokenizer
-from minivl.train import TrainConfig, Trainer
+from minivl.recipes import choose, folders, timed_fit, train_config
+from minivl.train import Trainer
 from minivl.world import World
 
 # Recipe settings per preset (the model sizes are minivl.clip.PRESETS). single_object is the share
@@ -164,22 +163,14 @@ def run(preset: str = "cpu", steps: int | None = None, device=None, out=None, se
 
     `checkpoint` defaults to data/checkpoints/clip-<preset>; `out` (the run folder) to data/runs/clip-<preset>.
     """
-    if preset not in RECIPES:
-        raise ValueError(f"unknown CLIP preset {preset!r}; choose from {sorted(RECIPES)}")
-    recipe = dict(RECIPES[preset])
-    if steps is not None:
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive int, got {steps!r}")
-        recipe["steps"] = steps
+    recipe = choose(RECIPES, "CLIP", preset, steps)
     tokenizer = world_tokenizer()  # the one BPE every preset reads
     config = CLIPConfig.preset(preset, pad_id=tokenizer.pad_id)
     if tokenizer.vocab_size != config.text.vocab_size:
         raise ValueError(f"the world tokenizer has {tokenizer.vocab_size} tokens, the {preset} preset expects "
                          f"{config.text.vocab_size}")
     world = World(image_size=config.vision.image_size)
-    run_dir = Path(out) if out is not None else minivl.data_dir() / "runs" / f"clip-{preset}"
-    ckpt_dir = Path(checkpoint) if checkpoint is not None else clip_lib.checkpoints_dir() / f"clip-{preset}"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir, ckpt_dir = folders(f"clip-{preset}", out, checkpoint)  # checkpoints: clip.checkpoints_dir()
 
     minivl.seed_everything(seed)
     model = CLIP(config)
@@ -189,30 +180,22 @@ def run(preset: str = "cpu", steps: int | None = None, device=None, out=None, se
     ret_images, ret_texts, ret_pos = sets["retrieval"]
     small = {"seen": tuple(t[:200] for t in sets["seen"]), "heldout": tuple(t[:200] for t in sets["heldout"]),
              "retrieval": (ret_images[:200], ret_texts[:200], ret_pos[:200, :200])}  # quick checks while training
-    train_cfg = TrainConfig(steps=recipe["steps"], lr=recipe["lr"], weight_decay=recipe["weight_decay"],
-                            warmup_steps=min(recipe["warmup_steps"], recipe["steps"] // 5),
-                            bf16=True if bf16 else (None if recipe["bf16"] else False),
-                            eval_every=recipe["eval_every"], log_every=10, seed=seed, progress=progress)
+    train_cfg = train_config(recipe, seed, progress, bf16)
     trainer = Trainer(model, make_batches(world, tokenizer, recipe["batch_size"], recipe["single_object"],
                                           config.text.context_length, seed, recipe["positives"], recipe["steps"]),
                       train_cfg, eval_fn=lambda m, step: evaluate(m, world, small, tokenizer), out_dir=run_dir,
                       device=device)
-    load_before = os.getloadavg()[0]
-    tic, cpu_tic = time.perf_counter(), time.process_time()
-    history = trainer.fit()
-    train_s, train_cpu_s = time.perf_counter() - tic, time.process_time() - cpu_tic
+    history, timing = timed_fit(trainer)
     model.eval()
     details = {}
     with torch.no_grad(), trainer._autocast():
         metrics = evaluate(model, world, sets, tokenizer, probe=True, details=details)
     clip_lib.save(model, ckpt_dir, tokenizer)
 
-    result = {"preset": preset, **metrics, "train_seconds": train_s, "train_cpu_seconds": train_cpu_s,
-              "steps": recipe["steps"],
-              "train_images_per_s": recipe["steps"] * recipe["batch_size"] / train_s,
+    result = {"preset": preset, **metrics, **timing, "steps": recipe["steps"],
+              "train_images_per_s": recipe["steps"] * recipe["batch_size"] / timing["train_seconds"],
               "final_loss": history.train[-1]["loss"], "logit_scale": model.scale().item(),
-              "device": str(trainer.device), "bf16": trainer.bf16, "torch_threads": torch.get_num_threads(),
-              "loadavg_1min": [load_before, os.getloadavg()[0]], "checkpoint": str(ckpt_dir),
+              "device": str(trainer.device), "bf16": trainer.bf16, "checkpoint": str(ckpt_dir),
               "recipe": recipe, "config": asdict(config), "world_version": world.version}
     (run_dir / "metrics.json").write_text(json.dumps(result, indent=1))
     _plots(run_dir, history, details, sets, world)

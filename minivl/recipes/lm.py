@@ -16,9 +16,7 @@ towards the true ambiguity of the captions (which object comes next), far below 
 from __future__ import annotations
 
 import json
-import os
 import re
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,7 +27,8 @@ import torch.nn.functional as F
 import minivl
 from minivl.data import world_tokenizer
 from minivl.lm import CausalLM, LMConfig
-from minivl.train import TrainConfig, Trainer
+from minivl.recipes import choose, folders, timed_fit, train_config
+from minivl.train import Trainer
 from minivl.world import World
 from minivl.world_text import NUMBERS, PLURAL, REGIONS
 
@@ -144,35 +143,21 @@ def run(preset: str = "cpu", steps: int | None = None, device=None, out=None, se
     """
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be a positive int, got {samples!r}")
-    if preset not in RECIPES:
-        raise ValueError(f"unknown LM preset {preset!r}; choose from {sorted(RECIPES)}")
-    recipe = dict(RECIPES[preset])
-    if steps is not None:
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive int, got {steps!r}")
-        recipe["steps"] = steps
+    recipe = choose(RECIPES, "LM", preset, steps)
     tokenizer = world_tokenizer()
     config = LMConfig.preset(preset, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
                              bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
     world = World()
-    run_dir = Path(out) if out is not None else minivl.data_dir() / "runs" / f"lm-{preset}"
-    ckpt_dir = Path(checkpoint) if checkpoint is not None else minivl.data_dir() / "checkpoints" / f"lm-{preset}"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir, ckpt_dir = folders(f"lm-{preset}", out, checkpoint)
 
     minivl.seed_everything(seed)
     model = CausalLM(config)
     val = val_batches(world, tokenizer, recipe["val_scenes"], config.context_length)
-    train_cfg = TrainConfig(steps=recipe["steps"], lr=recipe["lr"], weight_decay=recipe["weight_decay"],
-                            warmup_steps=min(recipe["warmup_steps"], recipe["steps"] // 5),
-                            bf16=True if bf16 else (None if recipe["bf16"] else False),
-                            eval_every=recipe["eval_every"], log_every=10, seed=seed, progress=progress)
+    train_cfg = train_config(recipe, seed, progress, bf16)
     trainer = Trainer(model, caption_batches(world, tokenizer, recipe["batch_size"], config.context_length, seed),
                       train_cfg, eval_fn=lambda m, step: {"val_ppl": perplexity(m, val)}, out_dir=run_dir,
                       device=device)
-    load_before = os.getloadavg()[0]
-    tic = time.perf_counter()
-    history = trainer.fit()
-    train_s = time.perf_counter() - tic
+    history, timing = timed_fit(trainer)
     model.eval()
     model.save(ckpt_dir)
     tokenizer.save(ckpt_dir / "tokenizer.json")
@@ -185,9 +170,8 @@ def run(preset: str = "cpu", steps: int | None = None, device=None, out=None, se
     result = {"preset": preset, "val_ppl": history.eval[-1]["val_ppl"], "final_loss": history.train[-1]["loss"],
               "greedy_grammatical": ok(greedy), "beam_grammatical": ok(beam), "sampled_grammatical": ok(sampled),
               "sampled_distinct": len(set(sampled)) / len(sampled), "greedy_samples": greedy,
-              "beam_samples": beam, "sampled_samples": sampled[:8], "train_seconds": train_s,
+              "beam_samples": beam, "sampled_samples": sampled[:8], **timing,
               "steps": recipe["steps"], "device": str(trainer.device), "bf16": trainer.bf16,
-              "torch_threads": torch.get_num_threads(), "loadavg_1min": [load_before, os.getloadavg()[0]],
               "checkpoint": str(ckpt_dir), "recipe": recipe, "config": asdict(config), "world_version": world.version}
     rates = [r["samples_per_s"] for r in history.train if "samples_per_s" in r]
     result["captions_per_s"] = float(np.mean(rates)) if rates else None

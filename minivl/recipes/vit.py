@@ -18,8 +18,6 @@ locality learns to read shapes from patches; it is the data (and the recipe) tha
 from __future__ import annotations
 
 import json
-import os
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,7 +27,8 @@ import torch
 import minivl
 from minivl.data import ClassificationDataset, collate, image_to_tensor
 from minivl.metrics import confusion_matrix, topk_accuracy
-from minivl.train import TrainConfig, Trainer
+from minivl.recipes import choose, folders, timed_fit, train_config
+from minivl.train import Trainer
 from minivl.vit import ViTClassifier, ViTConfig
 from minivl.world import World
 
@@ -154,42 +153,27 @@ def run(preset: str = "cpu", steps: int | None = None, device=None, out=None, se
 
     `checkpoint` defaults to data/checkpoints/vit-<preset>; `out` (the run folder) to data/runs/vit-<preset>.
     """
-    if preset not in RECIPES:
-        raise ValueError(f"unknown ViT preset {preset!r}; choose from {sorted(RECIPES)}")
-    recipe = dict(RECIPES[preset])
-    if steps is not None:
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive int, got {steps!r}")
-        recipe["steps"] = steps
+    recipe = choose(RECIPES, "ViT", preset, steps)
     world = World(image_size=ViTConfig.preset(preset).image_size)
     config = model_config(preset, world)  # one output per colour x shape; held-out ones never get a positive
-    run_dir = Path(out) if out is not None else minivl.data_dir() / "runs" / f"vit-{preset}"
-    ckpt_dir = Path(checkpoint) if checkpoint is not None else minivl.data_dir() / "checkpoints" / f"vit-{preset}"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir, ckpt_dir = folders(f"vit-{preset}", out, checkpoint)
 
     minivl.seed_everything(seed)
     model = ViTClassifier(config)
     sets = {"test": eval_set(world, "test", recipe["eval_images"]),
             "heldout": eval_set(world, "heldout", recipe["heldout_images"])}
     small = {"test": (sets["test"][0][:500], sets["test"][1][:500])}  # periodic evals stay cheap
-    train_cfg = TrainConfig(steps=recipe["steps"], lr=recipe["lr"], weight_decay=recipe["weight_decay"],
-                            warmup_steps=min(recipe["warmup_steps"], recipe["steps"] // 5),
-                            bf16=True if bf16 else (None if recipe["bf16"] else False),
-                            eval_every=recipe["eval_every"], log_every=10, seed=seed, progress=progress)
+    train_cfg = train_config(recipe, seed, progress, bf16)
     trainer = Trainer(model, make_batches(world, recipe["batch_size"], seed), train_cfg,
                       eval_fn=lambda m, step: evaluate(m, world, small), out_dir=run_dir, device=device)
-    load_before = os.getloadavg()[0]
-    tic = time.perf_counter()
-    history = trainer.fit()
-    train_s = time.perf_counter() - tic
+    history, timing = timed_fit(trainer)
     with torch.no_grad(), trainer._autocast():
         metrics = evaluate(model, world, sets)
     model.save(ckpt_dir)
 
-    result = {"preset": preset, **metrics, "train_seconds": train_s, "steps": recipe["steps"],
-              "train_images_per_s": recipe["steps"] * recipe["batch_size"] / train_s,
+    result = {"preset": preset, **metrics, **timing, "steps": recipe["steps"],
+              "train_images_per_s": recipe["steps"] * recipe["batch_size"] / timing["train_seconds"],
               "final_loss": history.train[-1]["loss"], "device": str(trainer.device), "bf16": trainer.bf16,
-              "torch_threads": torch.get_num_threads(), "loadavg_1min": [load_before, os.getloadavg()[0]],
               "checkpoint": str(ckpt_dir), "run_dir": str(run_dir), "recipe": recipe, "config": asdict(config),
               "world_version": world.version, "seen_classes": len(world.train_combos)}
     (run_dir / "metrics.json").write_text(json.dumps(result, indent=1))
@@ -202,7 +186,8 @@ def summary(m: dict) -> str:
     return "\n".join([
         f"ViT {m['preset']} (width {m['config']['width']}, depth {m['config']['depth']}, patch {m['config']['patch_size']}): "
         f"{m['steps']} steps x {m['recipe']['batch_size']} images in {m['train_seconds'] / 60:.1f} min "
-        f"({m['train_images_per_s']:.0f} images/s on {m['device']}, load {m['loadavg_1min'][0]:.1f})",
+        f"({m['train_images_per_s']:.0f} images/s on {m['device']}, {m['torch_threads']} threads, "
+        f"{m['train_cpu_seconds'] / 60:.1f} CPU-min, load {m['loadavg_1min'][0]:.1f})",
         f"  test top-1 over {m['seen_classes']} seen colour x shape classes: {pct(m['test_top1'])} "
         f"(top-5 {pct(m['test_top5'])}; colour {pct(m['test_color_acc'])}, shape {pct(m['test_shape_acc'])})",
         f"  held-out pairs (never seen): colour {pct(m['heldout_color_acc'])}, shape {pct(m['heldout_shape_acc'])}",
