@@ -77,6 +77,41 @@ def show_images(images, titles=None, boxes=None, box_labels=None, ncols: int = 8
     return fig
 
 
+def show_image_texts(images, texts, marks=None, title: str | None = None, text_size: int = 8, wrap: int = 70):
+    """One row per image: the image, then its list of texts (e.g. the top retrieved captions, ranked).
+
+    texts[i]: the strings shown beside image i, in order. marks[i][j] (optional): True draws text j
+    green with a check mark, False red with a cross (right / wrong answers).
+    """
+    images = [_to_uint8(im) for im in images]
+    n = len(images)
+    if n == 0:
+        raise ValueError("show_image_texts needs at least one image")
+    if len(texts) != n or (marks is not None and len(marks) != n):
+        raise ValueError(f"need one list of texts (and of marks) per image: {n} images, {len(texts)} text lists"
+                         + ("" if marks is None else f", {len(marks)} mark lists"))
+    fig, axes = plt.subplots(n, 2, figsize=(9, 1.6 * n), squeeze=False, gridspec_kw=dict(width_ratios=[1, 4.5]))
+    for i, (im, lines) in enumerate(zip(images, texts)):
+        if marks is not None and len(marks[i]) != len(lines):
+            raise ValueError(f"image {i}: {len(lines)} texts but {len(marks[i])} marks")
+        axes[i][0].imshow(im, interpolation="nearest")
+        axes[i][1].set_xlim(0, 1)
+        axes[i][1].set_ylim(0, 1)
+        for ax in axes[i]:
+            ax.axis("off")
+        for j, line in enumerate(lines):
+            mark = None if marks is None else bool(marks[i][j])
+            prefix = "" if mark is None else ("\u2713 " if mark else "\u2717 ")
+            color = "black" if mark is None else ("tab:green" if mark else "tab:red")
+            wrapped = "\n   ".join(textwrap.wrap(prefix + str(line), wrap)) or prefix
+            axes[i][1].text(0.0, 1 - (j + 0.5) / max(len(lines), 1), wrapped, va="center", ha="left",
+                            fontsize=text_size, color=color)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def plot_loss_curve(history: dict, title: str | None = None, log_y: bool = False):
     """Training loss against step, plus any `val_*` series (x from `val_step` when given)."""
     if "step" not in history or "loss" not in history:

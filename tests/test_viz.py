@@ -80,3 +80,18 @@ def test_similarity_and_confusion_matrices(scenes, tmp_path):
         viz.plot_confusion_matrix(np.ones((2, 3)), ["a", "b"])
     path = viz.savefig(fig, tmp_path / "sub" / "cm.png")
     assert path.exists() and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_image_texts_rows_with_marks(scenes):
+    texts = [["a red circle", "a blue square"], ["there is one object: " + "a very long caption " * 8], ["x"]]
+    marks = [[True, False], [True], [False]]
+    fig = viz.show_image_texts([s.image for s in scenes], texts, marks=marks, title="top texts")
+    assert len(fig.axes) == 6  # an image and a text panel per row
+    drawn = [t for ax in fig.axes[1::2] for t in ax.texts]
+    assert [t.get_text().split("\n")[0][:2] for t in drawn] == ["\u2713 ", "\u2717 ", "\u2713 ", "\u2717 "]
+    assert [t.get_color() for t in drawn] == ["tab:green", "tab:red", "tab:green", "tab:red"]
+    assert "\n" in drawn[2].get_text()  # long texts wrap instead of running off the figure
+    with pytest.raises(ValueError, match="one list of texts"):
+        viz.show_image_texts([s.image for s in scenes], texts[:2])
+    with pytest.raises(ValueError, match="2 texts but 1 marks"):
+        viz.show_image_texts([scenes[0].image], [texts[0]], marks=[[True]])
