@@ -34,6 +34,11 @@ CONFIG, WEIGHTS = "config.json", "model.safetensors"
 MODELS: dict[str, type] = {}  # class name -> class, filled by Checkpointable subclasses
 
 
+def checkpoints_dir() -> Path:
+    """data/checkpoints (or $MINIVL_DATA/checkpoints): where training writes named checkpoints."""
+    return minivl.data_dir() / "checkpoints"
+
+
 def register_model(cls: type) -> type:
     """Make `load_model(path)` able to rebuild `cls` from the class name stored in config.json."""
     MODELS[cls.__name__] = cls

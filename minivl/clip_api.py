@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import minivl
-from minivl.checkpoint import atomic_dir, write_model_files
+from minivl.checkpoint import atomic_dir, checkpoints_dir, write_model_files
 from minivl.data import world_tokenizer
 from minivl.tokenizer import Tokenizer
 
@@ -80,11 +80,6 @@ class Preprocess:
             x = F.interpolate(x[None], size=(self.image_size,) * 2, mode="bilinear",
                               antialias=True, align_corners=False)[0].clamp(0, 1)
         return (x - 0.5) / 0.5  # (3, S, S), the minivl.data.image_to_tensor convention
-
-
-def checkpoints_dir() -> Path:
-    """data/checkpoints (or $MINIVL_DATA/checkpoints): where training writes named checkpoints."""
-    return minivl.data_dir() / "checkpoints"
 
 
 def available_models() -> list[str]:

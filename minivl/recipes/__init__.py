@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 import minivl
+from minivl.checkpoint import checkpoints_dir
 from minivl.train import History, TrainConfig, Trainer
 
 
@@ -35,7 +36,7 @@ def folders(name: str, out=None, checkpoint=None) -> tuple[Path, Path]:
     The run folder is created; the checkpoint folder is written atomically when the model is saved.
     """
     run_dir = Path(out) if out is not None else minivl.data_dir() / "runs" / name
-    ckpt_dir = Path(checkpoint) if checkpoint is not None else minivl.data_dir() / "checkpoints" / name
+    ckpt_dir = Path(checkpoint) if checkpoint is not None else checkpoints_dir() / name
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir, ckpt_dir
 
@@ -57,3 +58,9 @@ def timed_fit(trainer: Trainer) -> tuple[History, dict]:
     timing = {"train_seconds": time.perf_counter() - tic, "train_cpu_seconds": time.process_time() - cpu_tic,
               "torch_threads": torch.get_num_threads(), "loadavg_1min": [load_before, os.getloadavg()[0]]}
     return history, timing
+
+
+def timing_text(m: dict) -> str:
+    """'(N images/s on DEVICE, T threads, C CPU-min, load L)': how to read a recipe's training time."""
+    return (f"({m['train_images_per_s']:.0f} images/s on {m['device']}, {m['torch_threads']} threads, "
+            f"{m['train_cpu_seconds'] / 60:.1f} CPU-min, load {m['loadavg_1min'][0]:.1f})")

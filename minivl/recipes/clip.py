@@ -27,7 +27,7 @@ import minivl
 from minivl import clip as clip_lib
 from minivl.clip import CLIP, CLIPConfig
 from minivl.data import CaptionDataset, collate, image_to_tensor, world_tokenizer
-from minivl.recipes import choose, folders, timed_fit, train_config
+from minivl.recipes import choose, folders, timed_fit, timing_text, train_config
 from minivl.train import Trainer
 from minivl.world import World
 
@@ -170,7 +170,7 @@ def run(preset: str = "cpu", steps: int | None = None, device=None, out=None, se
         raise ValueError(f"the world tokenizer has {tokenizer.vocab_size} tokens, the {preset} preset expects "
                          f"{config.text.vocab_size}")
     world = World(image_size=config.vision.image_size)
-    run_dir, ckpt_dir = folders(f"clip-{preset}", out, checkpoint)  # checkpoints: clip.checkpoints_dir()
+    run_dir, ckpt_dir = folders(f"clip-{preset}", out, checkpoint)
 
     minivl.seed_everything(seed)
     model = CLIP(config)
@@ -205,9 +205,7 @@ def run(preset: str = "cpu", steps: int | None = None, device=None, out=None, se
 def summary(m: dict) -> str:
     pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
     return "\n".join([
-        f"CLIP {m['preset']}: {m['steps']} steps in {m['train_seconds'] / 60:.1f} min "
-        f"({m['train_images_per_s']:.0f} images/s on {m['device']}, {m['torch_threads']} threads, "
-        f"{m['train_cpu_seconds'] / 60:.1f} CPU-min, load {m['loadavg_1min'][0]:.1f})",
+        f"CLIP {m['preset']}: {m['steps']} steps in {m['train_seconds'] / 60:.1f} min " + timing_text(m),
         f"  zero-shot top-1 over all colour x shape classes: seen {pct(m['zeroshot_seen_top1'])}"
         f" | held-out {pct(m['zeroshot_heldout_top1'])} (colour {pct(m['zeroshot_heldout_color_acc'])},"
         f" shape {pct(m['zeroshot_heldout_shape_acc'])})",

@@ -27,7 +27,7 @@ import torch
 import minivl
 from minivl.data import ClassificationDataset, collate, image_to_tensor
 from minivl.metrics import confusion_matrix, topk_accuracy
-from minivl.recipes import choose, folders, timed_fit, train_config
+from minivl.recipes import choose, folders, timed_fit, timing_text, train_config
 from minivl.train import Trainer
 from minivl.vit import ViTClassifier, ViTConfig
 from minivl.world import World
@@ -186,8 +186,7 @@ def summary(m: dict) -> str:
     return "\n".join([
         f"ViT {m['preset']} (width {m['config']['width']}, depth {m['config']['depth']}, patch {m['config']['patch_size']}): "
         f"{m['steps']} steps x {m['recipe']['batch_size']} images in {m['train_seconds'] / 60:.1f} min "
-        f"({m['train_images_per_s']:.0f} images/s on {m['device']}, {m['torch_threads']} threads, "
-        f"{m['train_cpu_seconds'] / 60:.1f} CPU-min, load {m['loadavg_1min'][0]:.1f})",
+        + timing_text(m),
         f"  test top-1 over {m['seen_classes']} seen colour x shape classes: {pct(m['test_top1'])} "
         f"(top-5 {pct(m['test_top5'])}; colour {pct(m['test_color_acc'])}, shape {pct(m['test_shape_acc'])})",
         f"  held-out pairs (never seen): colour {pct(m['heldout_color_acc'])}, shape {pct(m['heldout_shape_acc'])}",
