@@ -156,7 +156,7 @@ def test_text_embedding_ignores_extra_padding_and_rejects_left_padding():
 
 def test_hf_parity():
     transformers = pytest.importorskip("transformers")
-    from minivl.clip_convert import from_transformers, hf_config_from
+    from minivl.clip.convert import from_transformers, hf_config_from
     config = CLIPConfig.preset("tiny", pad_id=PAD)
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     ids, mask = token_batch([12, 7, 3, 9])
@@ -185,7 +185,7 @@ def test_hf_parity():
 def test_converter_names_every_tensor():
     pytest.importorskip("transformers")
     import transformers
-    from minivl.clip_convert import hf_config_from, state_dict_from_hf
+    from minivl.clip.convert import hf_config_from, state_dict_from_hf
     config = CLIPConfig.preset("tiny")
     hf = transformers.CLIPModel(hf_config_from(config, eos_token_id=EOS))
     ported = state_dict_from_hf(hf.state_dict())
@@ -289,3 +289,16 @@ def test_linear_probe_separates_separable_features():
     assert out["test_acc"] > 0.95
     shuffled = clip.linear_probe(x[:150], y[:150][torch.randperm(150, generator=g)], x[150:], y[150:])
     assert shuffled["test_acc"] < 0.6
+
+
+def test_fresh_preset_model_reads_clip_tokenize_output():
+    """A model built from a preset (not loaded) takes `clip.tokenize` ids: the presets carry the shared pad id."""
+    from minivl.data import world_tokenizer
+    model = CLIP(CLIPConfig.preset("tiny")).eval()
+    assert model.config.pad_id == world_tokenizer().pad_id
+    ids = clip.tokenize(["a red circle", "there is one object: a large blue square"])
+    with torch.no_grad():
+        logits_per_image, logits_per_text = model(torch.zeros(1, 3, 32, 32), ids)
+        masked = model.encode_text({"input_ids": ids, "attention_mask": (ids != world_tokenizer().pad_id).long()})
+    assert logits_per_image.shape == (1, 2) and logits_per_text.shape == (2, 1)
+    torch.testing.assert_close(model.encode_text(ids), masked)

@@ -1,7 +1,7 @@
 """`python -m minivl bench clip`: training images/s of minivl's CLIP against `transformers.CLIPModel`.
 
 Both models are the same network (the `transformers` one is built from minivl's config by
-`minivl.clip_convert.hf_config_from`, and minivl's weights are ported from it, so both start from
+`minivl.clip.convert.hf_config_from`, and minivl's weights are ported from it, so both start from
 the very same function and the first losses agree). One training step = forward on a batch of
 images and real Shapes World captions, the contrastive loss, backward, and an AdamW update. The
 two are timed in interleaved rounds by `minivl.bench.time_many`, in fp32 and then with bf16
@@ -20,7 +20,7 @@ import torch
 import minivl
 from minivl.bench import time_many
 from minivl.clip import CLIPConfig
-from minivl.clip_convert import from_transformers, hf_config_from
+from minivl.clip.convert import from_transformers, hf_config_from
 
 BATCH = {"cpu": 128, "cuda": 256, "mps": 128}  # the training batch of the preset it benches
 

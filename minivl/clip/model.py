@@ -5,7 +5,7 @@ Follows "Learning Transferable Visual Models From Natural Language Supervision" 
 each is followed by a bias-free linear projection into one shared embedding space, and a learnable
 temperature (stored as log(1/T), as OpenAI does) turns cosine similarities into logits. The module
 names match OpenAI's CLIP closely enough that `transformers` CLIP weights port unchanged
-(`minivl.clip_convert`), and the user-facing functions mirror the `clip` package:
+(`minivl.clip.convert`), and the user-facing functions mirror the `clip` package:
 
     model, preprocess = minivl.clip.load("clip-cpu")
     image = preprocess(scene.image).unsqueeze(0)
@@ -13,8 +13,9 @@ names match OpenAI's CLIP closely enough that `transformers` CLIP weights port u
     logits_per_image, logits_per_text = model(image, text)
     probs = logits_per_image.softmax(dim=-1)
 
-Loading and tokenizing live in `minivl.clip_api`; zero-shot classification, retrieval and the
-linear probe in `minivl.clip_eval`; both are re-exported here.
+This file holds the model and its loss; loading and tokenizing live in `minivl.clip.load`,
+zero-shot classification, retrieval and the linear probe in `minivl.clip.eval`, the `transformers`
+port in `minivl.clip.convert`; `minivl.clip` (the package) re-exports what a user needs.
 
 The one idea to take away: in a batch of B pairs, every other caption is a negative for an image.
 The loss is a B-way classification in both directions with the diagonal as the answer, so the
@@ -31,29 +32,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from minivl.checkpoint import Checkpointable
-# re-exported so that `minivl.clip` is the one import a user needs: loading, tokenizing and preprocessing
-# like openai/clip (clip_api), then zero-shot, retrieval and the linear probe (clip_eval)
-from minivl.clip_api import CONTEXT_LENGTH, Preprocess, available_models, checkpoints_dir, load, save, tokenize
-from minivl.clip_eval import (SHAPES_TEMPLATES, ZeroShotClassifier, encode_images, encode_texts,
-                              ensemble_class_embeddings, fix_articles, linear_probe, retrieval_eval, zero_shot_eval,
-                              zero_shot_logits, zero_shot_predict)
+from minivl.data import world_tokenizer
+from minivl.tokenizer import Tokenizer
 from minivl.text import TextConfig, TextEncoder, check_tokens
 from minivl.vit import ViTConfig, VisionTransformer
+
+CONTEXT_LENGTH = 40  # tokens per text for every CLIP preset (OpenAI's CLIP: 77); Shapes World captions fit
+WORLD_VOCAB = 512  # the Shapes World BPE every preset reads
+WORLD_PAD_ID = WORLD_VOCAB - len(Tokenizer.SPECIAL_TOKENS)  # its <|pad|>: the first special token
 
 PRESETS = {
     # every preset reads the same 512-token Shapes World BPE (`minivl.data.world_tokenizer()`),
     # as every OpenAI CLIP reads the same BPE: `tokenize` needs no model to work
     "tiny": dict(vision=dict(image_size=32, patch_size=8, width=32, depth=2, heads=2),
-                 text=dict(vocab_size=512, context_length=CONTEXT_LENGTH, width=32, depth=2, heads=2),
-                 embed_dim=32),
+                 text=dict(vocab_size=WORLD_VOCAB, context_length=CONTEXT_LENGTH, width=32, depth=2, heads=2),
+                 embed_dim=32, pad_id=WORLD_PAD_ID),
     # narrow towers: on a 2-core CPU the budget is images seen, and a ViT needs ~100k of them
     # before it reads shapes (colour comes in a few hundred steps, shape much later)
     "cpu": dict(vision=dict(image_size=64, patch_size=8, width=64, depth=4, heads=4),
-                text=dict(vocab_size=512, context_length=CONTEXT_LENGTH, width=64, depth=2, heads=4),
-                embed_dim=64),
+                text=dict(vocab_size=WORLD_VOCAB, context_length=CONTEXT_LENGTH, width=64, depth=2, heads=4),
+                embed_dim=64, pad_id=WORLD_PAD_ID),
     "gpu": dict(vision=dict(image_size=128, patch_size=8, width=384, depth=8, heads=6),
-                text=dict(vocab_size=512, context_length=CONTEXT_LENGTH, width=384, depth=6, heads=6),
-                embed_dim=256),
+                text=dict(vocab_size=WORLD_VOCAB, context_length=CONTEXT_LENGTH, width=384, depth=6, heads=6),
+                embed_dim=256, pad_id=WORLD_PAD_ID),
 }
 
 
@@ -65,6 +66,7 @@ class CLIPConfig:
     logit_scale_init: float = 1 / 0.07  # initial 1 / temperature (CLIP: 1/0.07 = 14.3)
     logit_scale_max: float = 100.0  # the scale is clamped here so training cannot blow it up
     pad_id: int | None = None  # padding token id: lets encode_text take a bare (B, T) id tensor
+    #                            (the presets set the Shapes World BPE's, so `clip.tokenize` output just works)
 
     def __post_init__(self) -> None:
         if isinstance(self.vision, dict):
@@ -246,11 +248,9 @@ class CLIP(Checkpointable, nn.Module):
 
     def tokenize(self, texts: str | list[str], truncate: bool = False) -> torch.Tensor:
         """`minivl.clip.tokenize` with this model's tokenizer and context length, on its device."""
-        ids = tokenize(texts, self.config.text.context_length, truncate, tokenizer=self.tokenizer)
-        return ids.to(self.logit_scale.device)
+        tokenizer = self.tokenizer if self.tokenizer is not None else world_tokenizer()
+        ids = tokenizer(texts, context_length=self.config.text.context_length, truncate=truncate)["input_ids"]
+        return ids.to(self.logit_scale.device)  # (B, context_length)
 
 
-__all__ = ["CLIP", "CLIPConfig", "PRESETS", "CONTEXT_LENGTH", "clip_loss", "tokenize", "Preprocess",
-           "available_models", "load", "save", "checkpoints_dir", "SHAPES_TEMPLATES", "ZeroShotClassifier",
-           "fix_articles", "encode_images", "encode_texts", "ensemble_class_embeddings", "zero_shot_logits",
-           "zero_shot_predict", "zero_shot_eval", "retrieval_eval", "linear_probe"]
+__all__ = ["CLIP", "CLIPConfig", "PRESETS", "CONTEXT_LENGTH", "clip_loss"]

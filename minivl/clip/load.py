@@ -3,7 +3,7 @@
 Mirrors the interface of OpenAI's `clip` package (Radford et al., 2021): `load(name)` returns the
 model and the image transform it expects, `tokenize` turns strings into the fixed-length id tensor
 the text tower reads, and a model name is simply a checkpoint folder that training wrote under
-data/checkpoints. Everything here is re-exported by `minivl.clip`.
+data/checkpoints. Everything here is re-exported by `minivl.clip` (the package).
 
 The one idea to take away: a checkpoint is more than weights. The same preprocessing and the same
 tokenizer must travel with them, or the model sees inputs it was never trained on; so a CLIP
@@ -20,10 +20,9 @@ import torch.nn.functional as F
 
 import minivl
 from minivl.checkpoint import atomic_dir, checkpoints_dir, write_model_files
+from minivl.clip.model import CLIP, CONTEXT_LENGTH
 from minivl.data import world_tokenizer
 from minivl.tokenizer import Tokenizer
-
-CONTEXT_LENGTH = 40  # tokens per text for every CLIP preset (OpenAI's CLIP: 77); Shapes World captions fit
 
 
 def tokenize(texts: str | list[str], context_length: int = CONTEXT_LENGTH, truncate: bool = False,
@@ -122,7 +121,6 @@ def load(name_or_path, device: str | torch.device | None = None) -> tuple:
             raise ValueError(f"unknown CLIP model {str(name_or_path)!r}; available models: {listed} "
                              f"(in {checkpoints_dir()}), or pass a checkpoint folder")
         path = checkpoints_dir() / str(name_or_path)
-    from minivl.clip import CLIP  # here, not on top: minivl.clip imports this module
     dev = minivl.device(None if device is None else str(device))
     model = CLIP.load(path, map_location=dev).eval()
     if (path / "tokenizer.json").is_file():

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from minivl.clip import CLIP, CLIPConfig
+from minivl.clip.model import CLIP, CLIPConfig
 from minivl.text import TextConfig
 from minivl.vit import ViTConfig
 

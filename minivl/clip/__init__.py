@@ -1,0 +1,25 @@
+"""CLIP (Radford et al., 2021), the contrastive family: the public API a notebook imports.
+
+    import minivl.clip as clip
+    model, preprocess = clip.load("clip-cpu")
+    logits_per_image, logits_per_text = model(preprocess(image).unsqueeze(0), clip.tokenize(["a red circle"]))
+
+The package's files, one concept each:
+- `model.py`   the two towers, their projections, the learnable temperature and `clip_loss`
+- `load.py`    the openai/clip-style interface: `load`, `save`, `tokenize`, `Preprocess`, `available_models`
+- `eval.py`    zero-shot classification (prompt ensembles), retrieval recall@K, the linear probe
+- `convert.py` the `transformers` CLIPModel port (imported on demand: it needs `transformers` only to run)
+
+The one idea to take away: in a batch of B pairs, every other caption is a negative for an image,
+so one contrastive objective turns any sentence into a classifier.
+"""
+from minivl.clip.eval import (SHAPES_TEMPLATES, ZeroShotClassifier, encode_images, encode_texts,
+                              ensemble_class_embeddings, fix_articles, linear_probe, retrieval_eval, zero_shot_eval,
+                              zero_shot_logits, zero_shot_predict)
+from minivl.clip.load import Preprocess, available_models, checkpoints_dir, load, save, tokenize
+from minivl.clip.model import CLIP, CONTEXT_LENGTH, PRESETS, CLIPConfig, clip_loss
+
+__all__ = ["CLIP", "CLIPConfig", "PRESETS", "CONTEXT_LENGTH", "clip_loss", "tokenize", "Preprocess",
+           "available_models", "load", "save", "checkpoints_dir", "SHAPES_TEMPLATES", "ZeroShotClassifier",
+           "fix_articles", "encode_images", "encode_texts", "ensemble_class_embeddings", "zero_shot_logits",
+           "zero_shot_predict", "zero_shot_eval", "retrieval_eval", "linear_probe"]
