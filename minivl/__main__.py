@@ -1,21 +1,29 @@
-"""Command line: `python -m minivl {data,train,eval,bench} ...`.
+"""Command line: `python -m minivl {data,train,bench} ...`.
 
-Each sub-command lives next to the code it drives; this file only dispatches, importing the
-heavy modules lazily so `python -m minivl --help` answers at once.
+Each sub-command lives next to the code it drives; this file only dispatches. The families it
+offers are found, not listed: every module in `minivl/recipes/` is a `train` target and every
+module in `minivl/bench/` a `bench` target, so a new family is added by adding its files. The
+heavy modules are imported only once a command is chosen, so `--help` answers at once.
 
     python -m minivl data bench            scenes/s of Shapes World (render + all text)
     python -m minivl data preview --out F  a grid of samples with captions and boxes
     python -m minivl train clip [--preset cpu|tiny|gpu] [--steps N] [--out DIR]
-    python -m minivl bench {vit,clip,metrics}
+    python -m minivl bench {vit,clip,metrics,data}
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import pkgutil
 import sys
+from pathlib import Path
 
-BENCHES = ("data", "vit", "clip", "metrics")
-TRAINABLE = ("clip", "vit", "lm")
+PACKAGE = Path(__file__).resolve().parent
+
+
+def modules(folder: str) -> list[str]:
+    """The public modules of minivl/<folder>/, without importing them."""
+    return sorted(m.name for m in pkgutil.iter_modules([str(PACKAGE / folder)]) if not m.name.startswith("_"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     data.add_argument("--split", default="train")
 
     train = sub.add_parser("train", help="train a model and write a checkpoint + run folder")
-    train.add_argument("model", choices=TRAINABLE)
+    train.add_argument("model", choices=modules("recipes"))
     train.add_argument("--preset", default="cpu", choices=["tiny", "cpu", "gpu"])
     train.add_argument("--device", default=None, help="cuda / mps / cpu (default: best available)")
     train.add_argument("--steps", type=int, default=None, help="override the preset's steps")
@@ -40,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU too")
 
     bench = sub.add_parser("bench", help="measure speed against a reference in the same run")
-    bench.add_argument("what", choices=BENCHES)
+    bench.add_argument("what", choices=modules("bench"))
     bench.add_argument("--device", default=None)
     bench.add_argument("--steps", type=int, default=None)
 
@@ -48,14 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "data":
         from minivl.bench import data as data_cli
         return data_cli.main(args)
-    if args.command == "train":
-        module = importlib.import_module(f"minivl.recipes.{args.model}")
-        return module.main(args)
-    if args.command == "bench":
-        module = importlib.import_module(f"minivl.bench.{args.what}")
-        return module.main(args)
-    parser.error(f"unknown command {args.command!r}")
-    return 2
+    folder = {"train": "recipes", "bench": "bench"}[args.command]
+    name = args.model if args.command == "train" else args.what
+    module = importlib.import_module(f"minivl.{folder}.{name}")
+    if not callable(getattr(module, "main", None)):
+        parser.error(f"minivl/{folder}/{name}.py has no main(args): it is not a {args.command} target")
+    return module.main(args)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 (the weights), written atomically.
 
 What it builds: `save_model` / `load_model`, the `Checkpointable` mixin every model inherits
-(`model.save(path)`, `Model.load(path)`), `load_state_dict_checked` (a mismatch names the
+(`model.save(path)`, `Model.load(path)`; a model's `tokenizer`, when it has one, is written into
+the same folder by the same atomic save and attached again on load), `load_state_dict_checked` (a mismatch names the
 tensors), `config_from_dict` (nested dataclass configs back from JSON), and the pickle-free
 `save_state` / `load_state` the trainer uses for optimizer and RNG state.
 
@@ -30,8 +31,8 @@ from torch import nn
 
 import minivl
 
-CONFIG, WEIGHTS = "config.json", "model.safetensors"
-MODELS: dict[str, type] = {}  # class name -> class, filled by Checkpointable subclasses
+CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
+MODELS: dict[str, type] = {}  # checkpoint name (config.json's "class") -> class, filled by Checkpointable
 
 
 def checkpoints_dir() -> Path:
@@ -39,9 +40,25 @@ def checkpoints_dir() -> Path:
     return minivl.data_dir() / "checkpoints"
 
 
+def _origin(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def register_model(cls: type) -> type:
-    """Make `load_model(path)` able to rebuild `cls` from the class name stored in config.json."""
-    MODELS[cls.__name__] = cls
+    """Make `load_model(path)` able to rebuild `cls` from the name stored in config.json.
+
+    The name is `cls.checkpoint_name` when set, else the class name. Two different classes under
+    one name would make every such checkpoint load as whichever registered last, so that raises;
+    a class defined again at the same place (a module reload, a notebook cell run twice) replaces
+    the old definition.
+    """
+    name = cls.__dict__.get("checkpoint_name") or cls.__name__
+    known = MODELS.get(name)
+    if known is not None and known is not cls and _origin(known) != _origin(cls):
+        raise ValueError(f"checkpoint name {name!r} is taken by {_origin(known)}; give {_origin(cls)} "
+                         "another class name or a `checkpoint_name` class attribute")
+    MODELS[name] = cls
+    cls.checkpoint_name = name
     return cls
 
 
@@ -56,8 +73,8 @@ class Checkpointable:
         super().__init_subclass__(**kwargs)
         register_model(cls)
 
-    def save(self, path: str | Path) -> None:
-        save_model(self, path)
+    def save(self, path: str | Path, tokenizer=None) -> None:
+        save_model(self, path, tokenizer)
 
     @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device = "cpu"):
@@ -144,7 +161,8 @@ def write_model_files(model: nn.Module, folder: Path) -> None:
     config = getattr(model, "config", None)
     if not dataclasses.is_dataclass(config):
         raise TypeError(f"{type(model).__name__} must keep its dataclass config in `self.config` to be saved")
-    write_json(folder / CONFIG, {"class": type(model).__name__, "config": dataclasses.asdict(config),
+    name = getattr(type(model), "checkpoint_name", type(model).__name__)
+    write_json(folder / CONFIG, {"class": name, "config": dataclasses.asdict(config),
                                  "minivl_version": minivl.__version__})
     sd = model.state_dict()
     alias = _tied(sd)
@@ -153,10 +171,19 @@ def write_model_files(model: nn.Module, folder: Path) -> None:
     save_file(tensors, str(folder / WEIGHTS), metadata={"tied": json.dumps(alias)})
 
 
-def save_model(model: nn.Module, path: str | Path) -> None:
-    """Write `path/` = config.json + model.safetensors, atomically."""
+def save_model(model: nn.Module, path: str | Path, tokenizer=None) -> None:
+    """Write `path/` = config.json + model.safetensors (+ tokenizer.json), atomically.
+
+    The tokenizer is `tokenizer`, else `model.tokenizer` when the model carries one: the ids a model
+    was trained on mean nothing without it, so both land in the folder in one atomic step.
+    """
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    if tokenizer is not None and not callable(getattr(tokenizer, "save", None)):
+        raise TypeError(f"tokenizer must have a save(path) method, got {type(tokenizer).__name__}")
     with atomic_dir(path) as tmp:
         write_model_files(model, tmp)
+        if tokenizer is not None:
+            tokenizer.save(tmp / TOKENIZER)
 
 
 def load_model(path: str | Path, cls: type | None = None, map_location: str | torch.device = "cpu") -> nn.Module:
@@ -171,10 +198,13 @@ def load_model(path: str | Path, cls: type | None = None, map_location: str | to
             raise ValueError(f"checkpoint holds a {name!r}, which is not registered (known: {sorted(MODELS)}); "
                              "import the module defining it first, or pass cls=")
         cls = MODELS[name]
-    elif cls.__name__ != name:
+    elif getattr(cls, "checkpoint_name", cls.__name__) != name:
         raise ValueError(f"checkpoint {path} holds a {name!r}, not a {cls.__name__!r}")
     model = cls(config_from_dict(_config_class(cls), meta["config"]))
     load_state_dict_checked(model, load_file(str(path / WEIGHTS)))
+    if (path / TOKENIZER).is_file():  # the tokenizer saved with the weights travels with the model
+        from minivl.tokenizer import Tokenizer
+        model.tokenizer = Tokenizer.load(path / TOKENIZER)
     return model.to(map_location)
 
 
@@ -271,5 +301,5 @@ def load_state(folder: str | Path, name: str):
     return dec(json.loads((Path(folder) / f"{name}.json").read_text()))
 
 
-__all__ = ["Checkpointable", "register_model", "MODELS", "save_model", "load_model", "load_state_dict_checked",
+__all__ = ["Checkpointable", "register_model", "MODELS", "CONFIG", "WEIGHTS", "TOKENIZER", "checkpoints_dir", "save_model", "load_model", "load_state_dict_checked",
            "config_from_dict", "write_model_files", "atomic_dir", "write_json", "save_state", "load_state"]

@@ -238,13 +238,17 @@ class Tokenizer:
 
     def __call__(self, texts: str | list[str], context_length: int | None = None,
                  truncate: bool = False, add_special_tokens: bool = True,
-                 allow_special: bool = False) -> dict[str, torch.Tensor]:
+                 allow_special: bool = False, padding: str = "max_length") -> dict[str, torch.Tensor]:
         """Encode a batch, right-pad with `pad_id` to `context_length` (or the longest text).
 
         Returns dict(input_ids=LongTensor (B, T), attention_mask=LongTensor (B, T), 1 = real).
         A text longer than `context_length` raises ValueError unless `truncate`, which cuts
         it and (with `add_special_tokens`) keeps eos as the last token, as CLIP does.
+        `padding="longest"` pads to the longest text of the batch even when `context_length`
+        is given (it then only bounds the length): training batches skip the pads' compute.
         """
+        if padding not in ("max_length", "longest"):
+            raise ValueError(f"padding must be 'max_length' or 'longest', got {padding!r}")
         if isinstance(texts, str):
             texts = [texts]
         if not isinstance(texts, (list, tuple)):
@@ -264,7 +268,8 @@ class Tokenizer:
                                      f"{context_length}; pass truncate=True or a longer context_length")
                 ids = ids[:context_length - 1] + [self.eos_id] if add_special_tokens else ids[:context_length]
             rows.append(ids)
-        T = context_length if context_length is not None else max(len(r) for r in rows)
+        longest = padding == "longest" or context_length is None
+        T = max(len(r) for r in rows) if longest else context_length
         pad = self.pad_id
         input_ids = torch.tensor([r + [pad] * (T - len(r)) for r in rows], dtype=torch.long)  # (B, T)
         mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows], dtype=torch.long)  # (B, T)

@@ -2,9 +2,12 @@
 
 What it builds: `Trainer(model, batches, TrainConfig(...)).fit() -> History` - AdamW (Loshchilov &
 Hutter, "Decoupled Weight Decay Regularization", 2019) with no decay on norms, biases and
-embeddings; linear warmup (Goyal et al., "Accurate, Large Minibatch SGD", 2017) then cosine decay
-(Loshchilov & Hutter, "SGDR", 2017); gradient clipping; bf16 autocast; periodic evaluation;
-checkpoints with exact resume.
+embeddings, in parameter groups by module name that may have their own learning rate or be frozen
+(LLaVA trains its projector alone, then with the LM; a fresh head learns faster than a pretrained
+tower); linear warmup (Goyal et al., "Accurate, Large Minibatch SGD", 2017) then cosine decay
+(Loshchilov & Hutter, "SGDR", 2017); gradient clipping; gradient accumulation; bf16 autocast;
+DistributedDataParallel under torchrun (Li et al., "PyTorch Distributed", VLDB 2020; see
+`minivl.distributed`); periodic evaluation; checkpoints with exact resume; and `progress_bar`.
 
 The one idea: the loop knows nothing about the model. Anything with `loss(batch) -> (loss, logs)`
 trains. The whole training state is weights + optimizer moments + step + RNG state; save all of it
@@ -17,6 +20,23 @@ Conventions:
   samples are pure functions of their index) or an iterable such as a DataLoader. For a DataLoader,
   pass `batch_sampler=StepSampler(len(dataset), batch_size, seed)`: the trainer tells it which step
   to start from. Other iterables are fast-forwarded on resume (exact only if they are deterministic).
+- One update is get_batch(step)'s whole batch, however it is computed. Under torchrun with W
+  processes, rank r keeps the r-th of W contiguous row shares (a StepSampler DataLoader loads only
+  that share); with accumulation_steps=A each share is cut into A micro-batches
+  (`minivl.distributed.split_batch`, or the model's own `split_batch(batch, n)`). Each micro-batch's
+  loss is weighted by its fraction of the rows, so for losses that are means over samples the update
+  equals one process on the whole batch, within float rounding. The batch stream, hence resume,
+  does not depend on W or A.
+- The host waits for the device once per log window (and at evals and checkpoints), not every
+  step: losses and logs stay tensors until then. A non-finite loss or gradient norm is found there,
+  named by its step, before the window's last update and before any checkpoint is written (with
+  log_every=1 the weights are still those from before the bad step).
+- A model may define `after_step(self)` (CLIP clamps its temperature there); `Trainer(after_step=fn)`
+  adds fn(model, step). Both run after every update, `step` counting it.
+- Under DDP rank 0 alone prints, shows progress and writes files; every rank runs eval_fn (same
+  weights, same numbers, and no rank idles in a collective that could time out); logged numbers
+  are means over all ranks' rows. Rank r seeds its training RNG (dropout) with seed + 1_000_003 r,
+  so ranks draw different masks, as the rows of one batch would.
 - Ctrl-C (KeyboardInterrupt) writes `out_dir/checkpoint` at the interrupted step, then re-raises
   so scripts stop; `trainer.history` still holds the run so far. `fit(resume_from=...)` goes on.
 """
@@ -25,9 +45,12 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import numbers
 import random
+import sys
 import time
 import warnings
+import weakref
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Callable
@@ -39,8 +62,10 @@ from torch import nn
 from tqdm import tqdm
 
 import minivl
+from minivl import distributed
 from minivl.checkpoint import WEIGHTS, atomic_dir, load_state, load_state_dict_checked, save_state, \
     write_json, write_model_files
+from minivl.distributed import share, split_batch, to_device
 
 
 @dataclass
@@ -57,10 +82,17 @@ class TrainConfig:
     ckpt_every: int = 0  # checkpoint every N steps (0 = only at the end); needs out_dir
     log_every: int = 10  # a history record (mean over the last N steps) every N steps
     seed: int = 0  # seeds python/numpy/torch when a fresh run starts
-    progress: bool = True  # show a tqdm progress bar
+    progress: bool = True  # show progress: a tqdm bar on a terminal, plain lines elsewhere
+    accumulation_steps: int = 1  # micro-batches per update: each step's batch is cut into this many
+    #                              row chunks, one forward/backward each (the activation memory of one)
+    lr_scale: dict[str, float] = field(default_factory=dict)  # parameter-name prefix -> multiplier of
+    #                              the scheduled lr, e.g. {"head": 10.0}; the longest matching prefix wins
+    freeze: tuple[str, ...] = ()  # parameter-name prefixes kept fixed (requires_grad=False, no optimizer
+    #                               state), e.g. ("visual", "lm"); a longer lr_scale prefix trains again
 
     def __post_init__(self):
-        lows = {"steps": 1, "log_every": 1, "warmup_steps": 0, "eval_every": 0, "ckpt_every": 0, "seed": 0}
+        lows = {"steps": 1, "log_every": 1, "warmup_steps": 0, "eval_every": 0, "ckpt_every": 0, "seed": 0,
+                "accumulation_steps": 1}
         for name, low in lows.items():
             if not isinstance(getattr(self, name), int) or getattr(self, name) < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {getattr(self, name)!r}")
@@ -70,6 +102,18 @@ class TrainConfig:
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip!r}")
         self.betas = tuple(self.betas)
+        if not isinstance(self.lr_scale, dict) or not all(isinstance(k, str) and k for k in self.lr_scale):
+            raise TypeError(f"lr_scale must be a dict of parameter-name prefix -> number, e.g. {{'head': 10.0}}, "
+                            f"got {self.lr_scale!r}")
+        for k, v in self.lr_scale.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"lr_scale[{k!r}] must be a finite number >= 0, got {v!r}")
+        self.lr_scale = {k: float(v) for k, v in self.lr_scale.items()}
+        if not isinstance(self.freeze, (tuple, list)) or not all(isinstance(p, str) and p for p in self.freeze):
+            raise TypeError(f"freeze must be a tuple of parameter-name prefixes, e.g. ('visual',), got {self.freeze!r}")
+        self.freeze = tuple(self.freeze)
+        if set(self.freeze) & set(self.lr_scale):
+            raise ValueError(f"{sorted(set(self.freeze) & set(self.lr_scale))} both frozen and given an lr_scale")
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -81,60 +125,98 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay only Linear/Conv weights. Norm gains, biases and embeddings get none: shrinking a
-    gain or an offset toward 0 regularises nothing useful, and rare tokens' embeddings would
-    decay away between the steps that see them. An embedding tied to an output Linear counts
-    as an embedding."""
+# ---------------------------------------------------------------- which parameters train, and how fast
+def _names(model: nn.Module) -> dict[int, tuple[nn.Parameter, list[str]]]:
+    """id -> (parameter, every name it has): a tied weight answers to both of its names."""
+    out: dict[int, tuple[nn.Parameter, list[str]]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        out.setdefault(id(p), (p, []))[1].append(name)
+    return out
+
+
+def _owner(names: list[str], prefixes) -> str | None:
+    """The longest prefix that names a module (or parameter) holding one of `names`."""
+    hits = [p for p in prefixes for n in names if n == p or n.startswith(p + ".")]
+    return max(hits, key=len) if hits else None
+
+
+def check_prefixes(model: nn.Module, prefixes, what: str) -> None:
+    """ValueError for a prefix that matches no parameter: a typo would silently train everything."""
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    for p in prefixes:
+        if _owner(names, [p]) is None:
+            top = list(dict.fromkeys(n.split(".")[0] for n in names))
+            raise ValueError(f"{what} prefix {p!r} matches no parameter of {type(model).__name__}; "
+                             f"names start with one of {top} (as in model.named_parameters())")
+
+
+_FROZEN_BY_TRAINER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> names a Trainer froze
+
+
+def apply_freeze(model: nn.Module, freeze=(), lr_scale=()) -> list[str]:
+    """Set requires_grad=False on the parameters under a `freeze` prefix (unless a longer `lr_scale`
+    prefix claims them); returns their names. What an earlier Trainer froze and this one does not
+    trains again (LLaVA's stage 2 unfreezes the LM on the same model); what you froze by hand stays."""
+    check_prefixes(model, freeze, "freeze")
+    before, frozen = _FROZEN_BY_TRAINER.get(model, set()), []
+    for p, names in _names(model).values():
+        if _owner(names, (*freeze, *lr_scale)) in freeze:
+            p.requires_grad_(False)
+            frozen.append(names[0])
+        elif names[0] in before:
+            p.requires_grad_(True)
+    _FROZEN_BY_TRAINER[model] = set(frozen)
+    return frozen
+
+
+def param_groups(model: nn.Module, weight_decay: float, lr_scale: dict[str, float] | None = None) -> list[dict]:
+    """Trainable parameters in AdamW groups. Decay only Linear/Conv weights: norm gains, biases and
+    embeddings get none (shrinking a gain or an offset toward 0 regularises nothing useful, and rare
+    tokens' embeddings would decay away between the steps that see them; an embedding tied to an
+    output Linear counts as an embedding). Each `lr_scale` prefix gets its own pair of groups,
+    "<prefix>/decay" and "<prefix>/no_decay", whose lr the trainer sets to scheduled lr * scale."""
+    lr_scale = dict(lr_scale or {})
+    check_prefixes(model, lr_scale, "lr_scale")
     matrices = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
     decay = {id(m.weight) for m in model.modules() if isinstance(m, matrices)}
     decay -= {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"name": "decay", "params": [p for p in params if id(p) in decay], "weight_decay": weight_decay},
-              {"name": "no_decay", "params": [p for p in params if id(p) not in decay], "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+    groups = {}  # a fixed order (default groups, then lr_scale's), so optimizer state loads back in place
+    for prefix in (None, *lr_scale):
+        for kind, wd in (("decay", weight_decay), ("no_decay", 0.0)):
+            name = kind if prefix is None else f"{prefix}/{kind}"
+            groups[prefix, kind] = {"name": name, "params": [], "weight_decay": wd,
+                                    "lr_scale": 1.0 if prefix is None else lr_scale[prefix]}
+    for p, names in _names(model).values():
+        if p.requires_grad:
+            groups[_owner(names, lr_scale), "decay" if id(p) in decay else "no_decay"]["params"].append(p)
+    return [g for g in groups.values() if g["params"]]
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW, fused (one kernel for all parameters) where torch has it for this device, else foreach."""
-    groups = param_groups(model, config.weight_decay)
+    groups = param_groups(model, config.weight_decay, config.lr_scale)
+    if not groups:
+        raise ValueError(f"{type(model).__name__} has no trainable parameter (all frozen: freeze={config.freeze})")
     try:
         return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, fused=True)
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, foreach=True)
 
 
-def to_device(batch, device: torch.device):
-    """Move every tensor in nested dicts/lists/tuples to `device`; leave other values alone."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(to_device(v, device) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
-
-
-def _batch_size(batch) -> int | None:  # the first tensor's leading dimension, for samples/s
-    if isinstance(batch, (dict, list, tuple)):
-        values = batch.values() if isinstance(batch, dict) else batch
-        return next((n for n in map(_batch_size, values) if n is not None), None)
-    return batch.shape[0] if isinstance(batch, torch.Tensor) and batch.dim() else None
-
-
 class StepSampler:
     """DataLoader batch sampler whose batch for step s depends only on (seed, s): each epoch is
     a fresh permutation seeded by (seed, epoch), so a resumed run starts at any step without
-    replaying data. Infinite; the trainer stops it. The last partial batch of an epoch is dropped."""
+    replaying data. Infinite; the trainer stops it. The last partial batch of an epoch is dropped.
+    Under DDP the trainer sets `rank`/`world_size` and each process loads only its contiguous share."""
 
     def __init__(self, dataset_len: int, batch_size: int, seed: int = 0, start_step: int = 0):
         if not 1 <= batch_size <= dataset_len:
             raise ValueError(f"need 1 <= batch_size <= dataset_len, got {batch_size} and {dataset_len}")
         self.n, self.batch_size, self.seed, self.start_step = dataset_len, batch_size, seed, start_step
+        self.rank, self.world_size = 0, 1
 
     def indices(self, step: int) -> list[int]:
+        """The whole batch of `step`, on every rank."""
         epoch, j = divmod(step, self.n // self.batch_size)
         perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
         return perm[j * self.batch_size:(j + 1) * self.batch_size].tolist()
@@ -142,7 +224,8 @@ class StepSampler:
     def __iter__(self):
         step = self.start_step
         while True:
-            yield self.indices(step)
+            rows = self.indices(step)
+            yield rows[share(len(rows), self.world_size, self.rank)]
             step += 1
 
 
@@ -162,6 +245,72 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
+
+
+# ---------------------------------------------------------------- progress
+def _isatty(stream) -> bool:
+    with contextlib.suppress(Exception):  # closed or odd streams: treat as a file
+        return bool(stream.isatty())
+    return False
+
+
+class LineProgress:
+    """tqdm's interface (update, set_postfix, write, close), printed as one plain line every `every`
+    of the total or every `seconds`, whichever comes first, and at the end."""
+
+    def __init__(self, total: int, initial: int = 0, desc: str = "", file=None, every: float = 0.05,
+                 seconds: float = 60.0):
+        if not 0 < every <= 1 or seconds < 0 or total < 0:
+            raise ValueError(f"need total >= 0, 0 < every <= 1, seconds >= 0; got {total}, {every}, {seconds}")
+        self.total, self.n, self.initial, self.desc, self.file = total, initial, initial, desc, file or sys.stdout
+        self.every, self.seconds, self.postfix = every, seconds, {}
+        self._start = self._last = time.perf_counter()
+        self._mark, self._printed = self._marks(initial), initial
+
+    def _marks(self, n: int) -> int:  # how many `every` fractions of the total n has passed
+        return int(n / self.total / self.every + 1e-9) if self.total else 0
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self._marks(self.n) > self._mark or time.perf_counter() - self._last >= self.seconds:
+            self._line()
+
+    def set_postfix(self, ordered_dict=None, refresh: bool = True, **kwargs) -> None:
+        self.postfix = {**(ordered_dict or {}), **kwargs}
+
+    def write(self, s: str) -> None:
+        print(s, file=self.file, flush=True)
+
+    def _line(self) -> None:
+        now = time.perf_counter()
+        rate = (self.n - self.initial) / max(1e-9, now - self._start)
+        parts = [f"{self.desc}: " if self.desc else "", f"{self.n}/{self.total}",
+                 f" ({100 * self.n / self.total:.0f}%)" if self.total else "",
+                 "".join(f" | {k} {v}" for k, v in self.postfix.items()),
+                 f" | {rate:.3g} it/s | {tqdm.format_interval(now - self._start)}"]
+        self.write("".join(parts))
+        self._last, self._mark, self._printed = now, self._marks(self.n), self.n
+
+    def close(self) -> None:
+        if self.n != self._printed:
+            self._line()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def progress_bar(total: int, initial: int = 0, desc: str = "", disable: bool = False, file=None,
+                 every: float = 0.05, seconds: float = 60.0):
+    """A progress display for loops: tqdm when it draws on a terminal; otherwise (a log file, CI, a
+    Jupyter kernel - ipykernel's streams are no tty) a `LineProgress`, which writes a plain line every
+    5% or minute to `file` (default stdout, with the trainer's other messages) instead of one redraw
+    per step, so a saved notebook keeps ~20 lines rather than hundreds of progress chunks."""
+    if disable or _isatty(file if file is not None else sys.stderr):  # tqdm draws on stderr
+        return tqdm(total=total, initial=initial, desc=desc, disable=disable, file=file, dynamic_ncols=True)
+    return LineProgress(total, initial, desc, file, every, seconds)
 
 
 @dataclass
@@ -187,33 +336,48 @@ class History:
         return plot_loss_curve(curves, title=title, log_y=log_y)
 
 
+_META = ("step", "lr", "seconds", "samples")  # per-step bookkeeping in a log window, not averaged
+_LOCAL = (*_META, "grad_norm")  # the same on every rank (grad_norm is taken after the all-reduce): not summed
+
+
 class Trainer:
-    """`Trainer(model, batches, config, eval_fn, out_dir, device).fit(resume_from=None) -> History`.
+    """`Trainer(model, batches, config, eval_fn, out_dir, device, after_step).fit(resume_from=None) -> History`.
 
     eval_fn(model, step) -> dict of numbers runs every `eval_every` steps and at the end, in eval
-    mode under no_grad. With `out_dir`, checkpoints go to `out_dir/checkpoint` (a folder that
-    `minivl.checkpoint.load_model` also reads) and the history to `out_dir/history.json`.
+    mode under no_grad. after_step(model, step) runs after every update. With `out_dir`, checkpoints
+    go to `out_dir/checkpoint` (a folder that `minivl.checkpoint.load_model` also reads) and the
+    history to `out_dir/history.json`. `trainer.model` is always the plain model, never the DDP wrapper;
+    `trainer.frozen` names the parameters `config.freeze` froze.
     """
 
     def __init__(self, model: nn.Module, batches, config: TrainConfig | None = None,
-                 eval_fn: Callable | None = None, out_dir: str | Path | None = None, device=None):
+                 eval_fn: Callable | None = None, out_dir: str | Path | None = None, device=None,
+                 after_step: Callable | None = None):
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            raise TypeError("pass the plain model: under torchrun the Trainer wraps it in DDP itself")
         if not callable(getattr(model, "loss", None)):
             raise TypeError(f"{type(model).__name__} needs a loss(batch) -> (loss, logs) method")
         if not (callable(batches) or hasattr(batches, "__iter__")):
             raise TypeError(f"batches must be get_batch(step) or an iterable, got {type(batches).__name__}")
         if out_dir is not None and not is_dataclass(getattr(model, "config", None)):
             raise TypeError(f"checkpoints need a dataclass `model.config`; {type(model).__name__} has none")
+        if after_step is not None and not callable(after_step):
+            raise TypeError(f"after_step must be a callable fn(model, step), got {type(after_step).__name__}")
         self.config = config if config is not None else TrainConfig()
         if not isinstance(self.config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(self.config).__name__}")
-        self.device = minivl.device(None if device is None else str(device))
+        self.dist, self.device = distributed.setup(device)
         self.model = model.to(self.device)
-        self.batches, self.eval_fn = batches, eval_fn
+        self.batches, self.eval_fn, self.after_step = batches, eval_fn, after_step
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.checkpoint_path = self.out_dir / "checkpoint" if self.out_dir is not None else None
         self.bf16 = self.config.bf16 if self.config.bf16 is not None else self.device.type == "cuda"
+        self.frozen = apply_freeze(self.model, self.config.freeze, self.config.lr_scale)  # before DDP and AdamW
         self.optimizer = make_optimizer(self.model, self.config)
-        self.step, self.history, self._window = 0, History(), []  # _window: per-step logs since last record
+        self._ddp = distributed.wrap(self.model, self.device) if self.dist.world_size > 1 else None
+        self.step, self.history = 0, History()
+        self._pending, self._window = [], []  # this window's per-step logs: not yet synced (tensors), synced
+        self._shard_rows = None  # the global batch size when a StepSampler already loads this rank's share
 
     def fit(self, resume_from: str | Path | None = None) -> History:
         """Train up to `config.steps` (from a training checkpoint folder when given)."""
@@ -224,91 +388,159 @@ class Trainer:
         if rng is not None:
             set_rng_state(rng)
         elif self.step == 0:
-            minivl.seed_everything(cfg.seed)
+            minivl.seed_everything(cfg.seed + 1_000_003 * self.dist.rank)
         self.model.train()
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, desc="train", dynamic_ncols=True)
+        bar = progress_bar(cfg.steps, initial=self.step, desc="train", disable=not (cfg.progress and self.dist.main))
         try:
             while self.step < cfg.steps:
                 start, rng, tic = self.step, rng_state(), time.perf_counter()
                 try:
-                    batch = get_batch(self.step)
-                    logs = self._train_step(batch)
-                    self.step += 1
+                    entry = self._train_step(get_batch(self.step))
+                    entry["seconds"] = time.perf_counter() - tic
                     bar.update()
-                    self._log(logs, _batch_size(batch), time.perf_counter() - tic, bar)
+                    self._log(bar)
                     if cfg.eval_every and self.step % cfg.eval_every == 0:
                         self._evaluate()
                     if self.out_dir is not None and cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
-                        self.save_checkpoint(self.checkpoint_path)
+                        self._checkpoint()
                 except KeyboardInterrupt:
                     self._interrupted(rng if self.step == start else None)
                     raise
             if self.eval_fn is not None and (not self.history.eval or self.history.eval[-1]["step"] != self.step):
                 self._evaluate()
             if self.out_dir is not None:
-                self.save_checkpoint(self.checkpoint_path)
-                self.history.to_json(self.out_dir / "history.json")
+                self._checkpoint()
+                if self.dist.main:
+                    self.history.to_json(self.out_dir / "history.json")
+            if self._ddp is not None:
+                distributed.barrier(self.device)  # the files are written when any rank's fit returns
         finally:
             bar.close()
         return self.history
 
     def _interrupted(self, rng: dict | None) -> None:
         """Ctrl-C: save step k with the RNG as step k found it (if it was mid-step), so resume redoes it."""
+        say = tqdm.write if self.dist.main else (lambda s: None)
+        self._pending = [e for e in self._pending if e["step"] < self.step]  # a half-done step is redone
+        self._window = [e for e in self._window if e.get("step", -1) < self.step]
         if self.out_dir is None:
-            tqdm.write(f"interrupted at step {self.step}; no out_dir, so no checkpoint")
+            say(f"interrupted at step {self.step}; no out_dir, so no checkpoint")
             return
-        self.save_checkpoint(self.checkpoint_path, rng=rng)
-        tqdm.write(f"interrupted at step {self.step}: checkpoint in {self.checkpoint_path}; "
-                   "continue with fit(resume_from=...)")
+        try:
+            self.save_checkpoint(self.checkpoint_path, rng=rng)
+        except FloatingPointError as err:
+            say(f"interrupted at step {self.step}; no checkpoint, the weights are not finite: {err}")
+            return
+        say(f"interrupted at step {self.step}: checkpoint in {self.checkpoint_path}; "
+            "continue with fit(resume_from=...)")
 
-    def _autocast(self):
+    def autocast(self):
         """bf16 matmuls with fp32 weights and optimizer state: no loss scaling needed, unlike fp16."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
 
     def _train_step(self, batch) -> dict:
-        lr = lr_at(self.step, self.config)
+        """One update from the step's batch; returns its (not yet synced) log entry."""
+        lr, world = lr_at(self.step, self.config), self.dist.world_size
         for group in self.optimizer.param_groups:  # the schedule is a pure function of the step
-            group["lr"] = lr
-        with self._autocast():
-            out = self.model.loss(to_device(batch, self.device))
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        chunks, rows = distributed.micro_batches(batch, self.dist, self.config.accumulation_steps, self.device,
+                                                 getattr(self.model, "split_batch", None), self._shard_rows)
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = {}  # loss and logs, each micro-batch weighted by its share of the rows
+        for i, (chunk, weight) in enumerate(chunks):
+            last = i == len(chunks) - 1  # DDP all-reduces the summed gradients once, after the last
+            with self._ddp.no_sync() if self._ddp is not None and not last else contextlib.nullcontext():
+                with self.autocast():
+                    out = self._ddp(chunk) if self._ddp is not None else self.model.loss(chunk)
+                loss, logs = self._check_output(out)
+                # DDP averages gradients over ranks; weight * world undoes that, leaving the row-weighted sum
+                (loss if weight * world == 1 else loss * (weight * world)).backward()
+            for k, v in [*logs.items(), ("loss", loss)]:
+                v = v.detach() if isinstance(v, torch.Tensor) else v
+                v = v if weight == 1 else v * weight
+                sums[k] = sums[k] + v if k in sums else v
+        clip = self.config.grad_clip if self.config.grad_clip is not None else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)  # norm before clipping
+        entry = {**sums, "step": self.step, "lr": lr, "grad_norm": grad_norm, "samples": rows or 0}
+        self._pending.append(entry)
+        if self._boundary(self.step + 1):
+            self._flush()  # the one host sync of the window; raises before a non-finite update
+        self.optimizer.step()
+        self.step += 1
+        if callable(getattr(self.model, "after_step", None)):
+            self.model.after_step()
+        if self.after_step is not None:
+            self.after_step(self.model, self.step)
+        return entry
+
+    def _check_output(self, out) -> tuple[torch.Tensor, dict]:
         loss, logs = out if isinstance(out, tuple) and len(out) == 2 else (None, None)
         if not (isinstance(loss, torch.Tensor) and loss.numel() == 1 and isinstance(logs, dict)):
             raise TypeError(f"{type(self.model).__name__}.loss must return (scalar tensor, dict), got {out!r:.80}")
-        value = loss.item()  # a GPU sync, as the models' float logs already are
-        if not math.isfinite(value):
-            raise FloatingPointError(f"loss is {value} at step {self.step} (lr {lr:.3g}); the weights are still "
-                                     "those after the previous step. Try a lower lr, grad_clip or bf16=False.")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        clip = self.config.grad_clip if self.config.grad_clip is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)  # norm before clipping
-        self.optimizer.step()
-        return {**{k: float(v) for k, v in logs.items()}, "loss": value, "lr": lr, "grad_norm": grad_norm.item()}
+        for k, v in logs.items():
+            if isinstance(v, bool) or not isinstance(v, (numbers.Real, torch.Tensor)) or \
+                    isinstance(v, torch.Tensor) and v.numel() != 1:
+                raise TypeError(f"{type(self.model).__name__}.loss log {k!r} must be a number or a one-element "
+                                f"tensor, got {v!r:.60}")
+        return loss, {k: v for k, v in logs.items() if k not in (*_LOCAL, "loss")}  # the trainer's own keys win
 
-    def _log(self, logs: dict, batch_size: int | None, seconds: float, bar) -> None:
-        self._window.append({**logs, "seconds": seconds, "samples": batch_size or 0})
+    def _boundary(self, step: int) -> bool:
+        """Steps after which the host reads the window: logs, evals, checkpoints and the end."""
+        cfg = self.config
+        return (step % cfg.log_every == 0 or step == cfg.steps or bool(cfg.eval_every and step % cfg.eval_every == 0)
+                or bool(self.out_dir is not None and cfg.ckpt_every and step % cfg.ckpt_every == 0))
+
+    def _flush(self, reduce: bool = True) -> None:
+        """Pending tensors -> floats in one device sync (summed over ranks under DDP), then check them."""
+        pending, self._pending = self._pending, []
+        slots = [(e, k) for e in pending for k in e if k not in _LOCAL] + [(e, "grad_norm") for e in pending]
+        tensors = [e[k].reshape(()).float().to(self.device) for e, k in slots if isinstance(e[k], torch.Tensor)]
+        read = iter(torch.stack(tensors).tolist() if tensors else [])
+        values = [next(read) if isinstance(e[k], torch.Tensor) else float(e[k]) for e, k in slots]
+        n = len(values) - len(pending)  # the summed slots come first, the grad norms last
+        if self.dist.world_size > 1:  # this rank's rows' share of each mean -> the mean over all rows
+            values[:n] = distributed.all_reduce_sum(values[:n], self.device) if reduce else \
+                [v * self.dist.world_size for v in values[:n]]  # no collective (Ctrl-C): this rank's estimate
+        for (e, k), v in zip(slots, values):
+            e[k] = v
+        for e in pending:
+            bad = "loss" if not math.isfinite(e["loss"]) else "gradient norm" if not math.isfinite(e["grad_norm"]) \
+                else None
+            if bad:
+                now = self.step == e["step"]
+                raise FloatingPointError(
+                    f"{bad} is {e['loss' if bad == 'loss' else 'grad_norm']} at step {e['step']} (lr {e['lr']:.3g}); "
+                    + ("the weights are still those after the previous step." if now else
+                       f"updates {e['step']}..{self.step - 1} used it, so the weights are not finite: resume from "
+                       "a checkpoint (a lower log_every stops sooner).")
+                    + " Try a lower lr, grad_clip or bf16=False.")
+        self._window += pending
+
+    def _log(self, bar) -> None:
         if self.step % self.config.log_every and self.step != self.config.steps:
             return
         win, self._window = self._window, []
-        keys = [k for k in logs if all(k in r for r in win)]  # means over the window; lr as it is now
-        record = {"step": self.step, **{k: sum(r[k] for r in win) / len(win) for k in keys}, "lr": logs["lr"]}
-        if batch_size:
+        last = win[-1]
+        keys = [k for k in last if k not in _META and all(k in r for r in win)]  # means over the window
+        record = {"step": self.step, **{k: sum(r[k] for r in win) / len(win) for k in keys}, "lr": last["lr"]}
+        if last["samples"]:
             record["samples_per_s"] = sum(r["samples"] for r in win) / max(1e-9, sum(r["seconds"] for r in win))
         self.history.train.append(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                        **({"samples/s": f"{record['samples_per_s']:.0f}"} if batch_size else {}))
+                        **({"samples/s": f"{record['samples_per_s']:.0f}"} if last["samples"] else {}))
 
     def _evaluate(self) -> None:
         if self.eval_fn is None:
             return
         self.model.eval()
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), self.autocast():
             metrics = self.eval_fn(self.model, self.step)
         self.model.train()
         if not isinstance(metrics, dict):
             raise TypeError(f"eval_fn must return a dict of numbers, got {type(metrics).__name__}")
         self.history.eval.append({"step": self.step, **{k: float(v) for k, v in metrics.items()}})
-        tqdm.write(f"step {self.step}: " + ", ".join(f"{k} {float(v):.4g}" for k, v in metrics.items()))
+        if self.dist.main:
+            tqdm.write(f"step {self.step}: " + ", ".join(f"{k} {float(v):.4g}" for k, v in metrics.items()))
 
     def _batch_source(self, start: int) -> Callable:
         if callable(self.batches):
@@ -317,9 +549,11 @@ class Trainer:
         skip = start
         if isinstance(sampler, StepSampler):
             sampler.start_step, skip = start, 0
+            sampler.rank, sampler.world_size = self.dist.rank, self.dist.world_size
+            self._shard_rows = sampler.batch_size if self.dist.world_size > 1 else None
         elif start:
             warnings.warn(f"resuming by drawing and discarding {start} batches; exact only if the iterable "
-                          "is deterministic (use a get_batch(step) callable or a StepSampler)")
+                          "is deterministic (use a get_batch(step) callable or a StepSampler)", stacklevel=3)
         it = iter(self.batches)
 
         def get_batch(step):
@@ -335,27 +569,57 @@ class Trainer:
             get_batch(None)
         return get_batch
 
-    def save_checkpoint(self, path: str | Path, rng: dict | None = None) -> None:
-        """Weights + config (loadable by load_model), optimizer, step, RNG and history, atomically."""
+    def _checkpoint(self) -> None:
+        """save_checkpoint from rank 0, with every rank's RNG state (a collective: all ranks call it)."""
+        rngs = distributed.gather_objects(rng_state()) if self.dist.world_size > 1 else None
+        self.save_checkpoint(self.checkpoint_path, rank_rngs=rngs)
+
+    def save_checkpoint(self, path: str | Path, rng: dict | None = None, rank_rngs: list | None = None) -> None:
+        """Weights + config (loadable by load_model), optimizer, step, RNG and history, atomically.
+        Rank 0 alone writes; a FloatingPointError instead if the window's losses are not finite."""
+        self._flush(reduce=False)  # empty at the trainer's own checkpoints; collectives would need every rank
+        if not self.dist.main:
+            return
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": rng or rng_state(),
                  "window": self._window, "config": asdict(self.config)}
+        if rank_rngs is not None:
+            state["rank_rngs"] = rank_rngs
         with atomic_dir(path) as tmp:
             write_model_files(self.model, tmp)
             save_state(tmp, "train_state", state)
             self.history.to_json(tmp / "history.json")
 
-    def load_checkpoint(self, path: str | Path) -> dict:
-        """Restore weights, optimizer, step and history from `path`; returns the saved RNG state."""
+    def load_checkpoint(self, path: str | Path) -> dict | None:
+        """Restore weights, optimizer, step and history from `path`; returns this rank's saved RNG state."""
         path = Path(path)
         if not (path / "train_state.json").is_file():
             raise FileNotFoundError(f"{path} is not a training checkpoint (no train_state.json)")
         load_state_dict_checked(self.model, load_file(str(path / WEIGHTS)))
         state = load_state(path, "train_state")
+        groups = self.optimizer.param_groups
+        ours = [(g["name"], len(g["params"])) for g in groups]
+        saved = [(g.get("name"), len(g["params"])) for g in state["optimizer"]["param_groups"]]
+        if saved != ours:
+            raise ValueError(f"{path} has optimizer groups {saved} (name, size) but this TrainConfig makes {ours}: "
+                             "resume with the freeze / lr_scale the run was saved with")
+        scales = [g.get("lr_scale", 1.0) for g in groups]
         self.optimizer.load_state_dict(state["optimizer"])
-        self.step, self._window = state["step"], state["window"]
+        for g, s in zip(self.optimizer.param_groups, scales):  # this config's scales win over the saved ones
+            g["lr_scale"] = s
+        self.step, self._window, self._pending = state["step"], state["window"], []
         self.history = History.from_json(path / "history.json")
+        rngs, world = state.get("rank_rngs"), self.dist.world_size
+        if rngs is not None and len(rngs) == world:
+            return rngs[self.dist.rank]
+        if world > 1 or rngs is not None:
+            if self.dist.main:
+                warnings.warn(f"{path} was saved by {len(rngs) if rngs else 1} process(es), resumed by {world}: "
+                              "the training RNG is re-seeded per rank, so the run is not bit-exact", stacklevel=3)
+            minivl.seed_everything(self.config.seed + self.step + 1_000_003 * self.dist.rank)
+            return None
         return state["rng"]
 
 
 __all__ = ["TrainConfig", "Trainer", "History", "StepSampler", "lr_at", "param_groups", "make_optimizer",
-           "to_device", "rng_state", "set_rng_state"]
+           "apply_freeze", "check_prefixes", "split_batch", "progress_bar", "LineProgress", "to_device",
+           "rng_state", "set_rng_state"]

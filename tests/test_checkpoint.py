@@ -153,3 +153,40 @@ def test_state_round_trip_keeps_int_keys_tuples_and_tensors(tmp_path):
     assert list(back["opt"]) == [0] and torch.equal(back["opt"][0]["m"], state["opt"][0]["m"])
     with pytest.raises(TypeError, match="without pickle"):
         save_state(tmp_path, "bad", {"x": object()})
+
+
+def test_two_classes_with_one_name_cannot_share_the_registry():
+    """A second, different `CkptTiny` would make every CkptTiny checkpoint load as the wrong class."""
+    with pytest.raises(ValueError, match="checkpoint name 'CkptTiny' is taken"):
+        type("CkptTiny", (Checkpointable, nn.Module), {"config_class": CkptTinyConfig, "__module__": "elsewhere"})
+    assert ckpt.MODELS["CkptTiny"] is CkptTiny
+    # the same class defined again at the same place (a notebook cell run twice) replaces the old one
+    again = type("CkptTiny", (Checkpointable, nn.Module), {"config_class": CkptTinyConfig, "__module__": __name__,
+                                                            "__qualname__": "CkptTiny"})
+    assert ckpt.MODELS["CkptTiny"] is again
+    ckpt.MODELS["CkptTiny"] = CkptTiny
+    # a checkpoint_name lets two classes that share a class name live side by side
+    other = type("CkptTiny", (Checkpointable, nn.Module), {"config_class": CkptTinyConfig, "__module__": "elsewhere",
+                                                            "checkpoint_name": "OtherTiny"})
+    assert ckpt.MODELS["OtherTiny"] is other and ckpt.MODELS["CkptTiny"] is CkptTiny
+    del ckpt.MODELS["OtherTiny"]
+
+
+def test_tokenizer_is_saved_with_the_weights_and_attached_on_load(tmp_path):
+    from minivl.tokenizer import Tokenizer
+    tok = Tokenizer.train(["a red circle", "a blue square"] * 5, vocab_size=256 + len(Tokenizer.SPECIAL_TOKENS) + 4)
+    model = CkptTiny(CkptTinyConfig())
+    model.save(tmp_path / "m", tokenizer=tok)
+    assert (tmp_path / "m" / "tokenizer.json").is_file()
+    back = load_model(tmp_path / "m")
+    assert back.tokenizer.encode("a red circle") == tok.encode("a red circle")
+    back.save(tmp_path / "again")  # a loaded model carries its tokenizer on to the next save
+    assert load_model(tmp_path / "again").tokenizer.merges == tok.merges
+    assert not hasattr(load_model(_saved(tmp_path / "plain")), "tokenizer")
+    with pytest.raises(TypeError, match="tokenizer must have a save"):
+        model.save(tmp_path / "bad", tokenizer="not a tokenizer")
+
+
+def _saved(path):
+    save_model(CkptTiny(CkptTinyConfig()), path)
+    return path

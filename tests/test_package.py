@@ -45,3 +45,69 @@ def test_cli_help_lists_commands():
     out = subprocess.run([sys.executable, "-m", "minivl", "--help"], capture_output=True, text=True, check=True)
     for word in ("data", "train", "bench"):
         assert word in out.stdout
+
+
+# ---------------------------------------------------------------- the house rules, checked on the source
+FAMILIES = ("clip", "captioner", "vqa", "grounding", "mllm")
+TOP_FLOOR = ("recipes", "bench", "viz", "train", "__main__")  # may import anything below them
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """minivl module -> the minivl modules it imports, at the top or inside functions (read with ast)."""
+    import ast
+    from pathlib import Path
+    root = Path(minivl.__file__).parent
+    graph = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                deps.add(node.module)
+                deps |= {f"{node.module}.{a.name}" for a in node.names}
+        graph[name] = {d for d in deps if d.startswith("minivl.")}
+    modules = set(graph)
+    return {m: {d for d in deps if d in modules and d != m} for m, deps in graph.items()}
+
+
+def _area(module: str) -> str:
+    return module.split(".")[1] if module.count(".") else ""
+
+
+def test_library_code_never_imports_recipes_bench_or_viz():
+    bad = [(m, d) for m, deps in _import_graph().items() if _area(m) not in TOP_FLOOR
+           for d in deps if _area(d) in ("recipes", "bench", "viz")]
+    assert not bad, f"library modules importing the top floor: {bad}"
+
+
+def test_families_import_building_blocks_and_clip_but_not_each_other():
+    bad = [(m, d) for m, deps in _import_graph().items() if _area(m) in FAMILIES
+           for d in deps if _area(d) in FAMILIES and _area(d) not in (_area(m), "clip")]
+    assert not bad, f"families importing each other: {bad}"
+    assert not any(_area(d) in FAMILIES for m, deps in _import_graph().items()
+                   if _area(m) in ("world", "world_text", "tokenizer", "transformer", "vit", "text", "lm",
+                                   "generation", "data", "metrics", "checkpoint") for d in deps)
+
+
+def test_no_import_cycles():
+    graph = _import_graph()
+    # a module importing its own package's __init__ (for a re-export) is not a cycle of floors
+    graph = {m: {d for d in deps if not m.startswith(d + ".")} for m, deps in graph.items()}
+    state, cycle = {}, []
+
+    def visit(m, path):
+        state[m] = "open"
+        for d in sorted(graph[m]):
+            if state.get(d) == "open":
+                cycle.append(path[path.index(d):] + [d] if d in path else [m, d])
+            elif d not in state:
+                visit(d, path + [d])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not cycle, f"import cycles: {cycle[:3]}"

@@ -202,6 +202,19 @@ def test_truncate_keeps_eos_last(tok):
     assert raw["input_ids"][0].tolist() == tok.encode(long)[:5]
 
 
+def test_padding_longest_pads_to_the_batch_and_truncates_at_the_context(tok):
+    """Training batches: pad to the longest text, never past the context (cut there, eos last)."""
+    short = ["a", "a red circle"]
+    out = tok(short, context_length=32, padding="longest")
+    assert torch.equal(out["input_ids"], tok(short)["input_ids"])  # no pads past the longest text
+    long = "a small red circle to the left of a large blue square"
+    cut = tok(["a", long], context_length=8, truncate=True, padding="longest")
+    assert cut["input_ids"].shape == (2, 8) and cut["input_ids"][1, -1] == tok.eos_id
+    assert torch.equal(cut["input_ids"], tok(["a", long], context_length=8, truncate=True)["input_ids"])
+    with pytest.raises(ValueError, match="padding must be"):
+        tok("a", padding="right")
+
+
 def test_call_validates_input(tok):
     with pytest.raises(TypeError):
         tok([1, 2])

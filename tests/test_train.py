@@ -38,9 +38,12 @@ class TrainTiny(Checkpointable, nn.Module):
         self.interrupt_at = None  # raise KeyboardInterrupt at this call, after the forward pass
         self.calls = 0
 
-    def loss(self, batch):
+    def mse(self, batch):
         h = self.drop(torch.relu(self.norm(self.fc1(batch["x"]) + self.kind(batch["kind"]))))  # (B, D)
-        loss = F.mse_loss(self.fc2(h).squeeze(-1), batch["y"])
+        return F.mse_loss(self.fc2(h).squeeze(-1), batch["y"])
+
+    def loss(self, batch):
+        loss = self.mse(batch)
         self.calls += 1
         if self.calls == self.interrupt_at:
             raise KeyboardInterrupt
@@ -264,3 +267,252 @@ def test_to_device_and_input_checks():
         TrainConfig(steps=0)
     with pytest.raises(ValueError, match="grad_clip"):
         TrainConfig(grad_clip=0)
+
+
+# ---------------------------------------------------------------------------- parameter groups and freezing
+def test_frozen_modules_do_not_move_and_have_no_optimizer_state():
+    trainer = Trainer(model(), get_batch, cfg(freeze=("fc1", "kind")), device="cpu")
+    m = trainer.model
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    trainer.fit()
+    assert trainer.frozen == ["fc1.weight", "fc1.bias", "kind.weight"]
+    assert not any(p.requires_grad for p in (*m.fc1.parameters(), m.kind.weight))
+    in_optimizer = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert in_optimizer == {id(p) for p in (m.norm.weight, m.norm.bias, m.fc2.weight, m.fc2.bias)}
+    assert len(trainer.optimizer.state) == 4  # Adam moments for the trained tensors only
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]) == k.startswith(("fc1", "kind")), k
+
+
+def test_lr_scale_sets_each_groups_lr_and_equals_the_scale_applied_by_hand():
+    # fc2 at 10x the others, written two ways: lr 1e-3 with fc2 x10, or lr 1e-2 with the rest x0.1
+    a = Trainer(model(), get_batch, cfg(lr=1e-3, lr_scale={"fc2": 10}), device="cpu")
+    b = Trainer(model(), get_batch, cfg(lr=1e-2, lr_scale={"fc1": 0.1, "kind": 0.1, "norm": 0.1}), device="cpu")
+    a.fit(), b.fit()
+    assert [g["name"] for g in a.optimizer.param_groups] == ["decay", "no_decay", "fc2/decay", "fc2/no_decay"]
+    c = cfg(lr=1e-3)
+    assert [g["lr"] for g in a.optimizer.param_groups] == pytest.approx([lr_at(7, c)] * 2 + [10 * lr_at(7, c)] * 2)
+    for (k, p), q in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=k)
+    # a scale of 0 holds a group still while the others learn
+    z = Trainer(model(), get_batch, cfg(lr_scale={"norm": 0.0}), device="cpu")
+    z.fit()
+    fresh = model()
+    assert torch.equal(z.model.norm.weight, fresh.norm.weight) and not torch.equal(z.model.fc1.weight, fresh.fc1.weight)
+
+
+def test_longest_prefix_wins_and_a_later_trainer_unfreezes_what_an_earlier_one_froze():
+    m = model()
+    t = Trainer(m, get_batch, cfg(steps=1, freeze=("fc1",), lr_scale={"fc1.bias": 2.0}), device="cpu")
+    assert t.frozen == ["fc1.weight"] and m.fc1.bias.requires_grad  # the longer lr_scale prefix trains it
+    m.fc2.bias.requires_grad_(False)  # frozen by hand: no Trainer touches it
+    Trainer(m, get_batch, cfg(steps=1), device="cpu")  # stage 2 (LLaVA: projector + LM) trains fc1 again
+    assert m.fc1.weight.requires_grad and not m.fc2.bias.requires_grad
+
+
+def test_bad_prefixes_and_group_settings_raise():
+    with pytest.raises(ValueError, match=r"freeze prefix 'fc' matches no parameter.*\['fc1', 'kind', 'norm', 'fc2'\]"):
+        Trainer(model(), get_batch, cfg(freeze=("fc",)), device="cpu")  # prefixes are whole names: fc != fc1
+    with pytest.raises(ValueError, match="lr_scale prefix 'visual'"):
+        Trainer(model(), get_batch, cfg(lr_scale={"visual": 0.1}), device="cpu")
+    with pytest.raises(ValueError, match="no trainable parameter"):
+        Trainer(model(), get_batch, cfg(freeze=("fc1", "kind", "norm", "fc2")), device="cpu")
+    with pytest.raises(TypeError, match="tuple of parameter-name prefixes"):
+        TrainConfig(freeze="fc1")  # a bare string would freeze "f" and "c"
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        TrainConfig(lr_scale={"fc1": -1})
+    with pytest.raises(ValueError, match="both frozen and given an lr_scale"):
+        TrainConfig(freeze=("fc1",), lr_scale={"fc1": 2.0})
+    with pytest.raises(ValueError, match="accumulation_steps"):
+        TrainConfig(accumulation_steps=0)
+
+
+def test_resume_with_groups_is_exact_and_a_different_grouping_is_refused(tmp_path):
+    groups = dict(freeze=("kind",), lr_scale={"fc2": 3.0})
+    m = model()
+    ref = losses(Trainer(m, get_batch, cfg(**groups), device="cpu").fit())
+    crashing = model()
+    crashing.interrupt_at = 6
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(crashing, get_batch, cfg(**groups), out_dir=tmp_path, device="cpu").fit()
+    resumed = Trainer(model(seed=3), get_batch, cfg(**groups), device="cpu")
+    assert losses(resumed.fit(resume_from=tmp_path / "checkpoint")) == ref
+    assert_same_weights(resumed.model, m)
+    with pytest.raises(ValueError, match="optimizer groups"):
+        Trainer(model(), get_batch, cfg(), device="cpu").fit(resume_from=tmp_path / "checkpoint")
+
+
+# ---------------------------------------------------------------------------- accumulation and batch splitting
+@pytest.mark.parametrize("micro", [2, 3])  # 8 rows as 4 + 4, and unevenly as 3 + 3 + 2
+def test_accumulated_micro_batches_equal_one_step_on_the_whole_batch(micro):
+    def no_dropout():
+        torch.manual_seed(0)
+        return TrainTiny(TrainTinyConfig(dropout=0.0))
+
+    whole = Trainer(no_dropout(), get_batch, cfg(steps=4), device="cpu")
+    split = Trainer(no_dropout(), get_batch, cfg(steps=4, accumulation_steps=micro), device="cpu")
+    calls = []
+    split.model.fc1.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))  # rows per forward
+    h1, h2 = whole.fit(), split.fit()
+    assert calls == ([4, 4] if micro == 2 else [3, 3, 2]) * 4
+    for (k, p), q in zip(whole.model.state_dict().items(), split.model.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=k)
+    assert losses(h2) == pytest.approx(losses(h1), rel=1e-5)  # the logged loss is the whole batch's mean
+    with pytest.raises(ValueError, match="2 rows cannot make 1 process share"):
+        Trainer(no_dropout(), lambda s: get_batch(s, n=2), cfg(accumulation_steps=3), device="cpu").fit()
+
+
+def test_split_batch_cuts_rows_and_shares_the_rest():
+    from collections import namedtuple
+
+    from minivl.distributed import split_batch
+    Pair = namedtuple("Pair", "a b")
+    batch = {"x": torch.arange(10).reshape(5, 2), "caps": list("abcde"), "pair": Pair(torch.arange(5), 7),
+             "fields": [torch.zeros(5), torch.ones(5, 3)], "t": torch.tensor(2.0), "name": "demo",
+             "boxes": [torch.zeros(i, 4) for i in range(5)]}
+    first, second = split_batch(batch, 2)
+    assert first["x"].tolist() == [[0, 1], [2, 3], [4, 5]] and second["caps"] == ["d", "e"]
+    assert second["pair"].a.tolist() == [3, 4] and second["pair"].b == 7 and isinstance(second["pair"], Pair)
+    assert [f.shape[0] for f in second["fields"]] == [2, 2]  # a collated [x, y] list: fields, not rows
+    assert [b.shape[0] for b in second["boxes"]] == [3, 4]  # one tensor per image: rows
+    assert second["t"] is batch["t"] and second["name"] == "demo"
+    with pytest.raises(ValueError, match=r"batch\['mask'\] has shape \(4, 4\), but the batch has 5 rows"):
+        split_batch({"x": torch.zeros(5), "mask": torch.zeros(4, 4)}, 2)
+
+
+def test_a_models_own_split_batch_is_used():
+    m = model()
+    seen = []
+
+    def split_batch(batch, n):
+        seen.append(n)
+        return [{k: v[i::n] for k, v in batch.items()} for i in range(n)]  # strided, for the test
+
+    m.split_batch = split_batch
+    Trainer(m, get_batch, cfg(steps=2, accumulation_steps=2), device="cpu").fit()
+    assert seen == [2, 2]
+
+
+# ---------------------------------------------------------------------------- hooks, logs and host syncs
+def test_after_step_hooks_run_after_every_update_model_first():
+    m = model()
+    order = []
+    m.after_step = lambda: order.append(("model", m.fc1.weight.grad is not None))
+    Trainer(m, get_batch, cfg(steps=3), device="cpu", after_step=lambda mod, step: order.append((mod is m, step))).fit()
+    assert order == [("model", True), (True, 1), ("model", True), (True, 2), ("model", True), (True, 3)]
+    with pytest.raises(TypeError, match="after_step"):
+        Trainer(model(), get_batch, cfg(), device="cpu", after_step="clamp")
+
+
+def test_clip_clamps_its_temperature_after_the_step_not_in_the_loss():
+    from minivl.clip import CLIP, CLIPConfig
+    torch.manual_seed(0)
+    clip = CLIP(CLIPConfig.preset("tiny"))
+    images = torch.randn(4, 3, 32, 32)
+    batch = {"image": images, "input_ids": torch.randint(0, 400, (4, 12))}
+    with torch.no_grad():
+        clip.logit_scale.fill_(math.log(1000.0))
+    loss, logs = clip.loss(batch)
+    assert clip.logit_scale.item() == pytest.approx(math.log(1000.0))  # the loss only reads its parameters
+    assert all(isinstance(v, torch.Tensor) and not v.requires_grad for v in logs.values())
+    assert logs["logit_scale"].item() == pytest.approx(100.0)  # scale() caps what the loss uses
+    # texts embedded as their own images: sharper logits lower the loss, so a big lr pushes the scale up
+    clip.encode_text = lambda text: clip.encode_image(images)
+    with torch.no_grad():
+        clip.logit_scale.fill_(math.log(50.0))
+    seen = []
+    towers = ("visual", "text", "visual_projection", "text_projection")
+    trainer = Trainer(clip, lambda s: batch, cfg(steps=1, lr=10.0, warmup_steps=0, grad_clip=None, freeze=towers),
+                      device="cpu", after_step=lambda mod, step: seen.append(mod.logit_scale.item()))
+    assert [g["params"] for g in trainer.optimizer.param_groups] == [[clip.logit_scale]]
+    grad = []
+    clip.logit_scale.register_hook(grad.append)
+    trainer.fit()
+    assert grad[0].item() < 0  # the update went up by lr = 10, far past ln(100)
+    assert clip.logit_scale.item() == pytest.approx(math.log(100.0)) and seen == [clip.logit_scale.item()]
+
+
+class TensorLogs(TrainTiny):
+    """Logs as tensors, as models should return them (the trainer reads them once per window)."""
+
+    def loss(self, batch):
+        loss = self.mse(batch)
+        return loss, {"mse": loss.detach(), "half": torch.tensor([0.5])}
+
+
+def test_tensor_logs_are_read_once_per_window_and_averaged(monkeypatch):
+    reads = []  # every way a tensor's value reaches the host (a device sync on a GPU)
+    for name in ("item", "tolist", "__float__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _f=original, _n=name: reads.append(_n) or _f(t, *a))
+    history = Trainer(TensorLogs(TrainTinyConfig()), get_batch, cfg(steps=8, log_every=4), device="cpu").fit()
+    monkeypatch.undo()
+    assert reads == ["tolist", "tolist"]  # one read per window (the old loop read ~4 numbers per step)
+    assert [r["step"] for r in history.train] == [4, 8] and all(r["half"] == 0.5 for r in history.train)
+    assert all(type(v) is float for r in history.train for v in r.values() if v is not r["step"])
+    bad = TrainTiny(TrainTinyConfig())
+    bad.loss = lambda batch: (bad.fc2.weight.sum(), {"acc": torch.ones(3)})
+    with pytest.raises(TypeError, match="log 'acc' must be a number or a one-element tensor"):
+        Trainer(bad, get_batch, cfg(), device="cpu").fit()
+
+
+def test_nan_inside_a_window_is_named_and_no_checkpoint_holds_it(tmp_path):
+    def batches(step):
+        b = get_batch(step)
+        if step == 5:
+            b["x"][0, 0] = float("nan")
+        return b
+
+    trainer = Trainer(model(), batches, cfg(log_every=10, ckpt_every=4), out_dir=tmp_path, device="cpu")
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 5 .*updates 5\.\.6 used it"):
+        trainer.fit()  # found at step 7, the window's end (the last step), before its update
+    assert trainer.step == 7 and len(trainer.history.train) == 0
+    assert load_state(tmp_path / "checkpoint", "train_state")["step"] == 4  # the periodic one, all finite
+    checkpoint = load_model(tmp_path / "checkpoint")
+    assert all(torch.isfinite(p).all() for p in checkpoint.parameters())
+
+
+def test_autocast_is_public_and_bf16_only_when_asked():
+    with Trainer(model(), get_batch, cfg(bf16=True), device="cpu").autocast():
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+    with Trainer(model(), get_batch, cfg(), device="cpu").autocast():  # bf16=None: on for CUDA only
+        assert not torch.is_autocast_enabled("cpu")
+
+
+# ---------------------------------------------------------------------------- progress without a terminal
+def test_progress_bar_prints_plain_lines_when_not_a_terminal():
+    import io
+
+    from minivl.train import LineProgress, progress_bar
+    out = io.StringIO()  # a log file, CI or a notebook: isatty() is False
+    bar = progress_bar(100, desc="train", file=out)
+    assert isinstance(bar, LineProgress)
+    for i in range(100):
+        bar.update()
+        bar.set_postfix(loss=f"{1 / (i + 1):.4f}")
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 20 and "\r" not in out.getvalue()  # every 5%, not every step
+    assert lines[0].startswith("train: 5/100 (5%) | loss 0.2500 |") and "it/s" in lines[-1]
+    assert lines[-1].startswith("train: 100/100 (100%)")
+    out = io.StringIO()
+    with progress_bar(7, file=out, seconds=0.0) as bar:  # seconds=0: a line per update
+        for _ in range(7):
+            bar.update()
+    assert len(out.getvalue().splitlines()) == 7
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    bar = progress_bar(10, file=term)
+    bar.update(10)
+    bar.close()
+    assert not isinstance(bar, LineProgress) and "\r" in term.getvalue()  # tqdm's redraws
+
+
+def test_training_without_a_terminal_logs_a_line_every_few_percent(capsys):
+    Trainer(model(), get_batch, cfg(steps=40, progress=True), device="cpu").fit()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("train:")]
+    assert len(lines) == 20 and lines[-1].startswith("train: 40/40 (100%) | loss ")

@@ -52,6 +52,10 @@ def preview(world: World, n: int, split: str, out: str) -> str:
 
 
 def main(args) -> int:
+    # `python -m minivl data bench|preview` passes all four; `python -m minivl bench data` none of them
+    for name, default in (("action", "bench"), ("image_size", 64), ("n", None), ("split", "train")):
+        if not hasattr(args, name):
+            setattr(args, name, default)
     try:
         world = World(WorldConfig(image_size=args.image_size))
     except ValueError as e:

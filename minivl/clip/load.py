@@ -19,10 +19,9 @@ import torch
 import torch.nn.functional as F
 
 import minivl
-from minivl.checkpoint import atomic_dir, checkpoints_dir, write_model_files
+from minivl.checkpoint import checkpoints_dir, save_model
 from minivl.clip.model import CLIP, CONTEXT_LENGTH
 from minivl.data import world_tokenizer
-from minivl.tokenizer import Tokenizer
 
 
 def tokenize(texts: str | list[str], context_length: int = CONTEXT_LENGTH, truncate: bool = False,
@@ -97,12 +96,12 @@ def available_models() -> list[str]:
 
 
 def save(model, path, tokenizer=None) -> None:
-    """Write a checkpoint folder: config.json + model.safetensors (+ tokenizer.json), atomically."""
-    tokenizer = tokenizer if tokenizer is not None else model.tokenizer
-    with atomic_dir(path) as tmp:
-        write_model_files(model, tmp)
-        if tokenizer is not None:
-            tokenizer.save(tmp / "tokenizer.json")
+    """Write a checkpoint folder: config.json + model.safetensors (+ tokenizer.json), atomically.
+
+    The same as `model.save(path, tokenizer)`, the one save every minivl model uses."""
+    if not isinstance(model, CLIP):
+        raise TypeError(f"clip.save takes a CLIP model, got {type(model).__name__}")
+    save_model(model, path, tokenizer)
 
 
 def load(name_or_path, device: str | torch.device | None = None) -> tuple:
@@ -122,9 +121,7 @@ def load(name_or_path, device: str | torch.device | None = None) -> tuple:
                              f"(in {checkpoints_dir()}), or pass a checkpoint folder")
         path = checkpoints_dir() / str(name_or_path)
     dev = minivl.device(None if device is None else str(device))
-    model = CLIP.load(path, map_location=dev).eval()
-    if (path / "tokenizer.json").is_file():
-        model.tokenizer = Tokenizer.load(path / "tokenizer.json")
+    model = CLIP.load(path, map_location=dev).eval()  # attaches the folder's tokenizer.json as model.tokenizer
     return model, Preprocess(model.config.vision.image_size)
 
 

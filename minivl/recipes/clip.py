@@ -16,36 +16,42 @@ contrastive objective on captions, and both tasks come out of it for free.
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import minivl
 from minivl import clip as clip_lib
 from minivl.clip import CLIP, CLIPConfig
-from minivl.data import CaptionDataset, collate, image_to_tensor, world_tokenizer
-from minivl.recipes import choose, folders, timed_fit, timing_text, train_config
-from minivl.train import Trainer
+from minivl.data import CaptionDataset, collate, world_tokenizer
+from minivl.recipes import (Recipe, choose, color_shape_accuracy, fit, folders, run_record, single_object_set, step_rng,
+                            stream_indices, timing_text, tokenize_batch, write_metrics)
 from minivl.world import World
 
-# Recipe settings per preset (the model sizes are minivl.clip.PRESETS). single_object is the share
-# of one-object scenes, moved linearly from the first to the second value over the run;
-# positives: tell the loss which captions in the batch also describe an image (no false negatives).
-# eval_every: evaluations during training (on 200-image subsets); the full one runs at the end.
+
+@dataclass(frozen=True)
+class CLIPRecipe(Recipe):
+    """CLIP's training preset (the model sizes are minivl.clip.PRESETS)."""
+
+    # share of one-object scenes, moved linearly from the first to the second value over the run:
+    # shapes are learned on single objects first, composition on crowded scenes later
+    single_object: tuple[float, float] = (0.9, 0.3)
+    positives: bool = True  # tell the loss which captions in the batch also describe an image (no false negatives)
+    eval_images: int = 1000  # single-object test scenes for zero-shot top-1 (seen pairs); quick evals use 200
+    heldout_images: int = 500  # single-object scenes of held-out colour-shape pairs
+    retrieval_scenes: int = 1000  # test scenes for image<->text recall@K
+    probe_images: int = 2000  # training images of the linear probe
+
+
 RECIPES = {
-    "tiny": dict(steps=60, batch_size=32, lr=2e-3, warmup_steps=10, weight_decay=0.1, single_object=(0.9, 0.3),
-                 positives=True, eval_every=0, eval_images=70, heldout_images=50, retrieval_scenes=100,
-                 probe_images=200, bf16=False),
-    "cpu": dict(steps=1600, batch_size=128, lr=2e-3, warmup_steps=100, weight_decay=0.1, single_object=(0.9, 0.3),
-                positives=True, eval_every=400, eval_images=1000, heldout_images=500, retrieval_scenes=1000,
-                probe_images=2000, bf16=False),
-    "gpu": dict(steps=6000, batch_size=512, lr=1e-3, warmup_steps=300, weight_decay=0.1, single_object=(0.9, 0.3),
-                positives=True, eval_every=1000, eval_images=2000, heldout_images=1000, retrieval_scenes=1000,
-                probe_images=5000, bf16=True),
+    "tiny": CLIPRecipe(steps=60, batch_size=32, lr=2e-3, warmup_steps=10, weight_decay=0.1, eval_images=70,
+                       heldout_images=50, retrieval_scenes=100, probe_images=200),
+    "cpu": CLIPRecipe(steps=1600, batch_size=128, lr=2e-3, warmup_steps=100, weight_decay=0.1, eval_every=400),
+    "gpu": CLIPRecipe(steps=6000, batch_size=512, lr=1e-3, warmup_steps=300, weight_decay=0.1, eval_every=1000,
+                      eval_images=2000, heldout_images=1000, probe_images=5000, bf16=True),
 }
+FAST_STEPS = 15  # what a notebook trains in fast mode (MINIVL_FAST=1), on the tiny preset
 
 
 class SingleObjectCaptions(CaptionDataset):
@@ -70,14 +76,10 @@ def make_batches(world: World, tokenizer, batch_size: int, single_object, contex
 
     def get_batch(step: int) -> dict:
         share = start + (end - start) * min(1.0, step / max(1, (steps or 1) - 1))
-        rng = np.random.default_rng([seed, step])
-        first = seed * 2**40 + step * batch_size
-        items = [(single if rng.random() < share else multi)[first + j] for j in range(batch_size)]
+        rng = step_rng(seed, step)
+        items = [(single if rng.random() < share else multi)[i] for i in stream_indices(seed, step, batch_size)]
         batch = collate([{"image": it["image"], "text": it["text"]} for it in items])
-        enc = tokenizer(batch["text"])  # padded to the longest caption, not the context length
-        if enc["input_ids"].shape[1] > context_length:
-            enc = tokenizer(batch["text"], context_length=context_length, truncate=True)
-        out = {"image": batch["image"], **enc}  # text strings stay out: the trainer moves tensors
+        out = {"image": batch["image"], **tokenize_batch(tokenizer, batch["text"], context_length)}  # text strings stay out: the trainer moves tensors
         if positives:  # text j is a valid caption of image i: not a negative for it
             refs = [set(it["references"]) for it in items]
             out["positives"] = torch.tensor([[t in r for t in batch["text"]] for r in refs])  # (B, B)
@@ -89,14 +91,10 @@ def eval_sets(world: World, eval_images: int, heldout_images: int, retrieval_sce
               probe_images: int = 0) -> dict:
     """Frozen test data: single-object test scenes (seen pairs) and held-out pairs with class labels;
     retrieval scenes with one caption each and the (scene, caption) validity mask; probe training images."""
-    def singles(split, n, offset=0):
-        scenes = [world.scene(offset + i, split, n_objects=1) for i in range(n)]
-        images = image_to_tensor(np.stack([s.image for s in scenes]))  # (N, 3, H, W)
-        return images, torch.tensor([world.class_index(s) for s in scenes])
-
-    sets = {"seen": singles("test", eval_images), "heldout": singles("heldout", heldout_images)}
-    if probe_images:
-        sets["probe_train"] = singles("train", probe_images, offset=10**9)  # not the training stream's scenes
+    sets = {"seen": single_object_set(world, "test", eval_images),
+            "heldout": single_object_set(world, "heldout", heldout_images)}
+    if probe_images:  # offset: not the training stream's scenes
+        sets["probe_train"] = single_object_set(world, "train", probe_images, offset=10**9)
     ds = CaptionDataset(world, "test", retrieval_scenes)
     items = [ds[i] for i in range(retrieval_scenes)]
     texts = [it["text"] for it in items]
@@ -122,10 +120,9 @@ def evaluate(model: CLIP, world: World, sets: dict, tokenizer, probe: bool = Fal
         out[f"zeroshot_{name}_top1"], out[f"zeroshot_{name}_top5"] = res["top1"], res["top5"]
         # which half of the name was wrong: the confusion matrix's rows are the truth, columns the guess
         truth, guess = torch.nonzero(res["confusion"], as_tuple=True)
-        counts = res["confusion"][truth, guess].double()
-        for part, axis in (("color", 0), ("shape", 1)):
-            same = torch.tensor([world.combos[t][axis] == world.combos[g][axis] for t, g in zip(truth, guess)])
-            out[f"zeroshot_{name}_{part}_acc"] = (counts * same).sum().item() / counts.sum().item()
+        counts = res["confusion"][truth, guess]
+        parts = color_shape_accuracy(world, truth.repeat_interleave(counts), guess.repeat_interleave(counts))
+        out[f"zeroshot_{name}_color_acc"], out[f"zeroshot_{name}_shape_acc"] = parts["color"], parts["shape"]
         details[f"confusion_{name}"], details[f"features_{name}"] = res["confusion"], feats
     images, texts, positives = sets["retrieval"]
     img_f, txt_f = clip_lib.encode_images(model, images), clip_lib.encode_texts(model, texts, tokenizer)
@@ -175,29 +172,24 @@ def run(preset: str = "cpu", steps: int | None = None, device=None, out=None, se
     minivl.seed_everything(seed)
     model = CLIP(config)
     model.tokenizer = tokenizer
-    sets = eval_sets(world, recipe["eval_images"], recipe["heldout_images"], recipe["retrieval_scenes"],
-                     recipe["probe_images"])
+    sets = eval_sets(world, recipe.eval_images, recipe.heldout_images, recipe.retrieval_scenes, recipe.probe_images)
     ret_images, ret_texts, ret_pos = sets["retrieval"]
     small = {"seen": tuple(t[:200] for t in sets["seen"]), "heldout": tuple(t[:200] for t in sets["heldout"]),
              "retrieval": (ret_images[:200], ret_texts[:200], ret_pos[:200, :200])}  # quick checks while training
-    train_cfg = train_config(recipe, seed, progress, bf16)
-    trainer = Trainer(model, make_batches(world, tokenizer, recipe["batch_size"], recipe["single_object"],
-                                          config.text.context_length, seed, recipe["positives"], recipe["steps"]),
-                      train_cfg, eval_fn=lambda m, step: evaluate(m, world, small, tokenizer), out_dir=run_dir,
-                      device=device)
-    history, timing = timed_fit(trainer)
-    model.eval()
+    batches = make_batches(world, tokenizer, recipe.batch_size, recipe.single_object, config.text.context_length,
+                           seed, recipe.positives, recipe.steps)
+    trainer, history, timing = fit(model, batches, recipe, seed=seed, progress=progress, bf16=bf16, device=device,
+                                   run_dir=run_dir, eval_fn=lambda m, step: evaluate(m, world, small, tokenizer))
+    if not trainer.dist.main:  # under torchrun, rank 0 alone evaluates and writes the checkpoint
+        return {}
     details = {}
-    with torch.no_grad(), trainer._autocast():
+    with torch.no_grad(), trainer.autocast():
         metrics = evaluate(model, world, sets, tokenizer, probe=True, details=details)
-    clip_lib.save(model, ckpt_dir, tokenizer)
+    model.save(ckpt_dir, tokenizer)
 
-    result = {"preset": preset, **metrics, **timing, "steps": recipe["steps"],
-              "train_images_per_s": recipe["steps"] * recipe["batch_size"] / timing["train_seconds"],
-              "final_loss": history.train[-1]["loss"], "logit_scale": model.scale().item(),
-              "device": str(trainer.device), "bf16": trainer.bf16, "checkpoint": str(ckpt_dir),
-              "recipe": recipe, "config": asdict(config), "world_version": world.version}
-    (run_dir / "metrics.json").write_text(json.dumps(result, indent=1))
+    result = {**run_record(preset, recipe, trainer, history, timing, config=config, world=world,
+                           checkpoint=ckpt_dir, run_dir=run_dir), **metrics, "logit_scale": model.scale().item()}
+    write_metrics(run_dir, result)
     _plots(run_dir, history, details, sets, world)
     return result
 
@@ -222,5 +214,6 @@ def summary(m: dict) -> str:
 def main(args) -> int:
     result = run(args.preset, steps=args.steps, device=args.device, out=args.out, seed=args.seed,
                  bf16=args.bf16, progress=True)
-    print(summary(result))
+    if result:  # empty on the other ranks of a torchrun job
+        print(summary(result))
     return 0

@@ -15,9 +15,8 @@ towards the true ambiguity of the captions (which object comes next), far below 
 """
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,49 +26,45 @@ import torch.nn.functional as F
 import minivl
 from minivl.data import world_tokenizer
 from minivl.lm import CausalLM, LMConfig
-from minivl.recipes import choose, folders, timed_fit, train_config
-from minivl.train import Trainer
+from minivl.recipes import (Recipe, choose, fit, folders, run_record, step_rng, stream_indices, tokenize_batch,
+                            write_metrics)
 from minivl.world import World
 from minivl.world_text import NUMBERS, PLURAL, REGIONS
 
-# Recipe settings per preset (model sizes are minivl.lm.PRESETS; vocab_size comes from the tokenizer).
+
+@dataclass(frozen=True)
+class LMRecipe(Recipe):
+    """The causal LM's training preset (model sizes are minivl.lm.PRESETS; vocab_size comes from the tokenizer)."""
+
+    val_scenes: int = 250  # every phrasing of the first N val scenes makes the validation set
+
+
 RECIPES = {
-    "tiny": dict(steps=40, batch_size=16, lr=3e-3, warmup_steps=5, weight_decay=0.1, val_scenes=25,
-                 eval_every=0, bf16=False),
-    "cpu": dict(steps=600, batch_size=32, lr=2e-3, warmup_steps=50, weight_decay=0.1, val_scenes=250,
-                eval_every=200, bf16=False),
-    "gpu": dict(steps=4000, batch_size=256, lr=1e-3, warmup_steps=200, weight_decay=0.1, val_scenes=1000,
-                eval_every=1000, bf16=True),
+    "tiny": LMRecipe(steps=40, batch_size=16, lr=3e-3, warmup_steps=5, weight_decay=0.1, val_scenes=25),
+    "cpu": LMRecipe(steps=600, batch_size=32, lr=2e-3, warmup_steps=50, weight_decay=0.1, eval_every=200),
+    "gpu": LMRecipe(steps=4000, batch_size=256, lr=1e-3, warmup_steps=200, weight_decay=0.1, val_scenes=1000,
+                    eval_every=1000, bf16=True),
 }
+FAST_STEPS = 10  # what a notebook trains in fast mode (MINIVL_FAST=1), on the tiny preset
 PROMPTS = ["", "there are", "two", "a large", "a red circle", "a blue square on the left,"]
 
 
 def caption_batches(world: World, tokenizer, batch_size: int, context_length: int, seed: int = 0):
     """get_batch(step) -> {input_ids, attention_mask}: a pure function of (seed, step)."""
     def get_batch(step: int) -> dict:
-        rng = np.random.default_rng([seed, step])
-        first = seed * 2**40 + step * batch_size  # every step new scenes
+        rng = step_rng(seed, step)
         texts = []
-        for j in range(batch_size):
-            caps = world.captions(world.scene(first + j, "train"))
+        for i in stream_indices(seed, step, batch_size):  # every step new scenes
+            caps = world.captions(world.scene(i, "train"))
             texts.append(caps[rng.integers(len(caps))])
-        return tokenize(tokenizer, texts, context_length)
+        return tokenize_batch(tokenizer, texts, context_length)
     return get_batch
-
-
-def tokenize(tokenizer, texts: list[str], context_length: int) -> dict:
-    """bos + text + eos, padded to the longest (not to context_length: less compute); the rare
-    overflow is truncated with eos kept last."""
-    enc = tokenizer(texts)
-    if enc["input_ids"].shape[1] > context_length:
-        enc = tokenizer(texts, context_length=context_length, truncate=True)
-    return enc
 
 
 def val_batches(world: World, tokenizer, n_scenes: int, context_length: int, batch_size: int = 128) -> list:
     """Every phrasing of the first n val scenes, tokenised, in fixed batches."""
     texts = [c for i in range(n_scenes) for c in world.captions(world.scene(i, "val"))]
-    return [tokenize(tokenizer, texts[i:i + batch_size], context_length) for i in range(0, len(texts), batch_size)]
+    return [tokenize_batch(tokenizer, texts[i:i + batch_size], context_length) for i in range(0, len(texts), batch_size)]
 
 
 @torch.no_grad()
@@ -152,30 +147,28 @@ def run(preset: str = "cpu", steps: int | None = None, device=None, out=None, se
 
     minivl.seed_everything(seed)
     model = CausalLM(config)
-    val = val_batches(world, tokenizer, recipe["val_scenes"], config.context_length)
-    train_cfg = train_config(recipe, seed, progress, bf16)
-    trainer = Trainer(model, caption_batches(world, tokenizer, recipe["batch_size"], config.context_length, seed),
-                      train_cfg, eval_fn=lambda m, step: {"val_ppl": perplexity(m, val)}, out_dir=run_dir,
-                      device=device)
-    history, timing = timed_fit(trainer)
-    model.eval()
-    model.save(ckpt_dir)
-    tokenizer.save(ckpt_dir / "tokenizer.json")
+    val = val_batches(world, tokenizer, recipe.val_scenes, config.context_length)
+    trainer, history, timing = fit(model, caption_batches(world, tokenizer, recipe.batch_size, config.context_length,
+                                                           seed), recipe, seed=seed, progress=progress, bf16=bf16,
+                                   device=device, run_dir=run_dir,
+                                   eval_fn=lambda m, step: {"val_ppl": perplexity(m, val)})
+    if not trainer.dist.main:  # under torchrun, rank 0 alone evaluates and writes the checkpoint
+        return {}
+    model.save(ckpt_dir, tokenizer)  # the tokenizer lands in the checkpoint folder by the same atomic save
 
     greedy = generate_text(model, tokenizer, PROMPTS)
     beam = generate_text(model, tokenizer, PROMPTS, num_beams=4)
     sampled = generate_text(model, tokenizer, [""] * samples, do_sample=True, top_p=0.9,
                             generator=torch.Generator(trainer.device).manual_seed(seed))
     ok = lambda texts: sum(is_caption(t, world) for t in texts) / len(texts)  # noqa: E731
-    result = {"preset": preset, "val_ppl": history.eval[-1]["val_ppl"], "final_loss": history.train[-1]["loss"],
-              "greedy_grammatical": ok(greedy), "beam_grammatical": ok(beam), "sampled_grammatical": ok(sampled),
-              "sampled_distinct": len(set(sampled)) / len(sampled), "greedy_samples": greedy,
-              "beam_samples": beam, "sampled_samples": sampled[:8], **timing,
-              "steps": recipe["steps"], "device": str(trainer.device), "bf16": trainer.bf16,
-              "checkpoint": str(ckpt_dir), "recipe": recipe, "config": asdict(config), "world_version": world.version}
+    result = {**run_record(preset, recipe, trainer, history, timing, config=config, world=world,
+                           checkpoint=ckpt_dir, run_dir=run_dir),
+              "val_ppl": history.eval[-1]["val_ppl"], "greedy_grammatical": ok(greedy), "beam_grammatical": ok(beam),
+              "sampled_grammatical": ok(sampled), "sampled_distinct": len(set(sampled)) / len(sampled),
+              "greedy_samples": greedy, "beam_samples": beam, "sampled_samples": sampled[:8]}
     rates = [r["samples_per_s"] for r in history.train if "samples_per_s" in r]
     result["captions_per_s"] = float(np.mean(rates)) if rates else None
-    (run_dir / "metrics.json").write_text(json.dumps(result, indent=1))
+    write_metrics(run_dir, result)
     (run_dir / "samples.txt").write_text("\n".join(
         [f"greedy  | {t}" for t in greedy] + [f"beam-4  | {t}" for t in beam] + [f"top-p   | {t}" for t in sampled]))
     from minivl import viz
@@ -192,15 +185,18 @@ def plot_history(history):
     return viz.plot_loss_curve(curve, title="causal LM on Shapes World captions")
 
 
+def summary(m: dict) -> str:
+    lines = [f"lm-{m['preset']}: val perplexity {m['val_ppl']:.3f} after {m['steps']} steps "
+             f"in {m['train_seconds']:.0f} s on {m['device']}",
+             f"grammatical: greedy {m['greedy_grammatical']:.0%}, beam {m['beam_grammatical']:.0%}, "
+             f"top-p sampled {m['sampled_grammatical']:.0%} ({m['sampled_distinct']:.0%} distinct)"]
+    lines += [f"  greedy | {text}" for text in m["greedy_samples"]]
+    lines += [f"  top-p  | {text}" for text in m["sampled_samples"][:4]]
+    return "\n".join(lines + [f"checkpoint: {m['checkpoint']}"])
+
+
 def main(args) -> int:
     result = run(args.preset, steps=args.steps, device=args.device, out=args.out, seed=args.seed, bf16=args.bf16)
-    print(f"lm-{args.preset}: val perplexity {result['val_ppl']:.3f} after {result['steps']} steps "
-          f"in {result['train_seconds']:.0f} s on {result['device']}")
-    print(f"grammatical: greedy {result['greedy_grammatical']:.0%}, beam {result['beam_grammatical']:.0%}, "
-          f"top-p sampled {result['sampled_grammatical']:.0%} ({result['sampled_distinct']:.0%} distinct)")
-    for text in result["greedy_samples"]:
-        print(f"  greedy | {text}")
-    for text in result["sampled_samples"][:4]:
-        print(f"  top-p  | {text}")
-    print(f"checkpoint: {result['checkpoint']}")
+    if result:  # empty on the other ranks of a torchrun job
+        print(summary(result))
     return 0

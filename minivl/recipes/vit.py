@@ -17,8 +17,7 @@ locality learns to read shapes from patches; it is the data (and the recipe) tha
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,23 +26,33 @@ import torch
 import minivl
 from minivl.data import ClassificationDataset, collate, image_to_tensor
 from minivl.metrics import confusion_matrix, topk_accuracy
-from minivl.recipes import choose, folders, timed_fit, timing_text, train_config
-from minivl.train import Trainer
+from minivl.recipes import (Recipe, choose, color_shape_accuracy, fit, folders, run_record, single_object_set,
+                            stream_indices, timing_text, write_metrics)
 from minivl.vit import ViTClassifier, ViTConfig
 from minivl.world import World
 
-# Recipe settings per preset (the model sizes are minivl.vit.PRESETS). `normalize` standardises the
-# pixels with the training images' per-channel mean/std (`pixel_stats`). Shapes World is a dark
-# background (about -0.7 in [-1, 1]) with a small bright object: unnormalised, every patch token
-# shares one large component and the ViT needs about twice the steps to start telling shapes apart.
+
+@dataclass(frozen=True)
+class ViTRecipe(Recipe):
+    """A ViT classifier's training preset (the model sizes are minivl.vit.PRESETS)."""
+
+    # standardise the pixels with the training images' per-channel mean/std (`pixel_stats`). Shapes
+    # World is a dark background (about -0.7 in [-1, 1]) with a small bright object: unnormalised,
+    # every patch token shares one large component and the ViT needs about twice the steps to start
+    # telling shapes apart
+    normalize: bool = True
+    eval_images: int = 2000  # single-object test scenes for the final top-1 (seen classes)
+    heldout_images: int = 1000  # single-object scenes of held-out colour-shape pairs
+
+
 RECIPES = {
-    "tiny": dict(normalize=True, steps=40, batch_size=32, lr=3e-3, warmup_steps=5, weight_decay=0.05,
-                 eval_every=0, eval_images=200, heldout_images=100, bf16=False),
-    "cpu": dict(normalize=True, steps=1200, batch_size=128, lr=3e-3, warmup_steps=100, weight_decay=0.05,
-                eval_every=300, eval_images=2000, heldout_images=1000, bf16=False),
-    "gpu": dict(normalize=True, steps=3000, batch_size=256, lr=1e-3, warmup_steps=200, weight_decay=0.05,
-                eval_every=500, eval_images=5000, heldout_images=2000, bf16=True),
+    "tiny": ViTRecipe(steps=40, batch_size=32, lr=3e-3, warmup_steps=5, weight_decay=0.05,
+                      eval_images=200, heldout_images=100),
+    "cpu": ViTRecipe(steps=1200, batch_size=128, lr=3e-3, warmup_steps=100, weight_decay=0.05, eval_every=300),
+    "gpu": ViTRecipe(steps=3000, batch_size=256, lr=1e-3, warmup_steps=200, weight_decay=0.05, eval_every=500,
+                     eval_images=5000, heldout_images=2000, bf16=True),
 }
+FAST_STEPS = 30  # what a notebook trains in fast mode (MINIVL_FAST=1), on the tiny preset
 
 
 def pixel_stats(world: World, n: int = 1000) -> tuple[tuple, tuple]:
@@ -63,7 +72,7 @@ def model_config(preset: str, world: World | None = None) -> ViTConfig:
     world = world or World(image_size=config.image_size)
     if world.config.image_size != config.image_size:
         raise ValueError(f"world images are {world.config.image_size} px, the {preset} ViT expects {config.image_size}")
-    stats = dict(zip(("image_mean", "image_std"), pixel_stats(world))) if recipe["normalize"] else {}
+    stats = dict(zip(("image_mean", "image_std"), pixel_stats(world))) if recipe.normalize else {}
     return ViTConfig.preset(preset, **stats, num_classes=len(world.classes))
 
 
@@ -75,17 +84,14 @@ def make_batches(world: World, batch_size: int, seed: int = 0):
     data = ClassificationDataset(world, "train", length=2**62)  # scenes are made on demand
 
     def get_batch(step: int) -> dict:
-        first = seed * 2**40 + step * batch_size
-        batch = collate([data[first + j] for j in range(batch_size)])
+        batch = collate([data[i] for i in stream_indices(seed, step, batch_size)])
         return {"image": batch["image"], "label": batch["label"]}  # the trainer moves tensors only
     return get_batch
 
 
 def eval_set(world: World, split: str = "test", n: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
     """The first n single-object scenes of `split`: images (n, 3, H, W) and class labels (n,)."""
-    scenes = [world.scene(i, split, n_objects=1) for i in range(n)]
-    images = image_to_tensor(np.stack([s.image for s in scenes]))  # (n, 3, H, W)
-    return images, torch.tensor([world.class_index(s) for s in scenes])
+    return single_object_set(world, split, n)
 
 
 @torch.no_grad()
@@ -99,11 +105,6 @@ def predict(model: ViTClassifier, images: torch.Tensor, world: World, batch_size
     return logits.masked_fill(unseen, -1e9)  # finite: metrics reject inf
 
 
-def _part_accuracy(world: World, truth: torch.Tensor, guess: torch.Tensor, axis: int) -> float:
-    """Fraction of samples whose predicted class has the right colour (axis 0) or shape (axis 1)."""
-    return float(np.mean([world.combos[t][axis] == world.combos[g][axis] for t, g in zip(truth.tolist(), guess.tolist())]))
-
-
 def evaluate(model: ViTClassifier, world: World, sets: dict) -> dict:
     """Top-1/top-5 and colour/shape accuracy on `sets["test"]`; colour/shape on `sets["heldout"]`."""
     model.eval()
@@ -111,14 +112,12 @@ def evaluate(model: ViTClassifier, world: World, sets: dict) -> dict:
     images, labels = sets["test"]
     logits = predict(model, images, world)
     out.update({f"test_{k}": v for k, v in topk_accuracy(logits, labels, ks=(1, 5)).items()})
-    guess = logits.argmax(-1)
-    out["test_color_acc"] = _part_accuracy(world, labels, guess, 0)
-    out["test_shape_acc"] = _part_accuracy(world, labels, guess, 1)
+    parts = color_shape_accuracy(world, labels, logits.argmax(-1))
+    out["test_color_acc"], out["test_shape_acc"] = parts["color"], parts["shape"]
     if "heldout" in sets:
         images, labels = sets["heldout"]
-        guess = predict(model, images, world).argmax(-1)
-        out["heldout_color_acc"] = _part_accuracy(world, labels, guess, 0)
-        out["heldout_shape_acc"] = _part_accuracy(world, labels, guess, 1)
+        parts = color_shape_accuracy(world, labels, predict(model, images, world).argmax(-1))
+        out["heldout_color_acc"], out["heldout_shape_acc"] = parts["color"], parts["shape"]
     return out
 
 
@@ -160,23 +159,21 @@ def run(preset: str = "cpu", steps: int | None = None, device=None, out=None, se
 
     minivl.seed_everything(seed)
     model = ViTClassifier(config)
-    sets = {"test": eval_set(world, "test", recipe["eval_images"]),
-            "heldout": eval_set(world, "heldout", recipe["heldout_images"])}
+    sets = {"test": eval_set(world, "test", recipe.eval_images),
+            "heldout": eval_set(world, "heldout", recipe.heldout_images)}
     small = {"test": (sets["test"][0][:500], sets["test"][1][:500])}  # periodic evals stay cheap
-    train_cfg = train_config(recipe, seed, progress, bf16)
-    trainer = Trainer(model, make_batches(world, recipe["batch_size"], seed), train_cfg,
-                      eval_fn=lambda m, step: evaluate(m, world, small), out_dir=run_dir, device=device)
-    history, timing = timed_fit(trainer)
-    with torch.no_grad(), trainer._autocast():
+    trainer, history, timing = fit(model, make_batches(world, recipe.batch_size, seed), recipe, seed=seed,
+                                   progress=progress, bf16=bf16, device=device, run_dir=run_dir,
+                                   eval_fn=lambda m, step: evaluate(m, world, small))
+    if not trainer.dist.main:  # under torchrun, rank 0 alone evaluates and writes the checkpoint
+        return {}
+    with torch.no_grad(), trainer.autocast():
         metrics = evaluate(model, world, sets)
     model.save(ckpt_dir)
 
-    result = {"preset": preset, **metrics, **timing, "steps": recipe["steps"],
-              "train_images_per_s": recipe["steps"] * recipe["batch_size"] / timing["train_seconds"],
-              "final_loss": history.train[-1]["loss"], "device": str(trainer.device), "bf16": trainer.bf16,
-              "checkpoint": str(ckpt_dir), "run_dir": str(run_dir), "recipe": recipe, "config": asdict(config),
-              "world_version": world.version, "seen_classes": len(world.train_combos)}
-    (run_dir / "metrics.json").write_text(json.dumps(result, indent=1))
+    result = {**run_record(preset, recipe, trainer, history, timing, config=config, world=world,
+                           checkpoint=ckpt_dir, run_dir=run_dir), **metrics, "seen_classes": len(world.train_combos)}
+    write_metrics(run_dir, result)
     _plots(run_dir, history, model, world, sets)
     return result
 
@@ -197,5 +194,6 @@ def summary(m: dict) -> str:
 def main(args) -> int:
     result = run(args.preset, steps=args.steps, device=args.device, out=args.out, seed=args.seed,
                  bf16=args.bf16, progress=True)
-    print(summary(result))
+    if result:  # empty on the other ranks of a torchrun job
+        print(summary(result))
     return 0
