@@ -53,27 +53,42 @@ class TextOutput:
     attentions: list[torch.Tensor] | None = field(default=None)
 
 
-def check_tokens(input_ids: torch.Tensor, vocab_size: int, context_length: int) -> None:
-    """Raise a clear error unless input_ids is a (B, T) integer tensor that fits the model."""
+def check_tokens(input_ids: torch.Tensor, vocab_size: int, context_length: int,
+                 attention_mask: torch.Tensor | None = None, right_padded: bool = False) -> None:
+    """Raise a clear error unless input_ids is a (B, T) integer tensor that fits the model.
+
+    Shapes and dtypes are checked always: that is free. Values - ids in [0, vocab_size) and, with
+    right_padded, a mask like 1 1 1 0 0 with a real token in every row - are checked only when the
+    tensors are on the CPU, which is where data enters (the tokenizer, `collate`) and where every
+    CPU run computes. On an accelerator, reading a value back is a host sync that would stall
+    every forward pass; batches there were already checked on their way in.
+    """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(f"input_ids must be a (B, T) tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
     if input_ids.is_floating_point():
         raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
     if input_ids.shape[1] > context_length:
         raise ValueError(f"text of {input_ids.shape[1]} tokens exceeds the context length {context_length}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
+    if input_ids.device.type != "cpu":
+        return
     if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
         raise ValueError(f"token ids must lie in [0, {vocab_size}), got [{input_ids.min()}, {input_ids.max()}]")
+    if right_padded and attention_mask is not None:
+        if (attention_mask[:, 1:] > attention_mask[:, :-1]).any():
+            raise ValueError("texts must be right-padded (attention_mask like 1 1 1 0 0)")
+        if input_ids.numel() and not attention_mask[:, 0].all():
+            raise ValueError("every text needs at least one real token (a row of attention_mask is all zeros)")
 
 
 def last_token_index(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
-    """Index of the last real token of each row (B,): right padding assumed, as the tokenizer makes."""
+    """Index of the last real token of each row (B,): right padding assumed, as the tokenizer makes
+    (`check_tokens(..., right_padded=True)` checks it)."""
     B, T = input_ids.shape
     if attention_mask is None:
         return torch.full((B,), T - 1, device=input_ids.device)
-    lengths = attention_mask.long().sum(1)
-    if (lengths == 0).any():
-        raise ValueError("every text needs at least one real token (a row of attention_mask is all zeros)")
-    return lengths - 1
+    return attention_mask.long().sum(1) - 1
 
 
 class TextEncoder(Checkpointable, nn.Module):
@@ -86,17 +101,20 @@ class TextEncoder(Checkpointable, nn.Module):
         self.config = c = config
         self.token_embedding = nn.Embedding(c.vocab_size, c.width)
         self.pos_embed = nn.Parameter(torch.zeros(c.context_length, c.width))
-        self.transformer = Transformer(c.width, c.depth, c.heads, c.mlp_ratio, c.activation,
+        self.transformer = Transformer(c.width, c.depth, c.heads, mlp_ratio=c.mlp_ratio, activation=c.activation,
                                        norm_eps=c.norm_eps, dropout=c.dropout)
         self.ln_final = nn.LayerNorm(c.width, eps=c.norm_eps)
         self.apply(init_weights)
         nn.init.normal_(self.pos_embed, std=0.01)
 
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Checked token ids (B, T) -> token + position embeddings (B, T, D)."""
+        check_tokens(input_ids, self.config.vocab_size, self.config.context_length, attention_mask, right_padded=True)
+        return self.token_embedding(input_ids) + self.pos_embed[:input_ids.shape[1]]  # (B, T, D)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 need_weights: bool = False, output_hidden_states: bool = False) -> TextOutput:
-        check_tokens(input_ids, self.config.vocab_size, self.config.context_length)
-        T = input_ids.shape[1]
-        x = self.token_embedding(input_ids) + self.pos_embed[:T]  # (B, T, D)
+        x = self.embed(input_ids, attention_mask)  # (B, T, D)
         out = self.transformer(x, attention_mask=attention_mask, causal=True, need_weights=need_weights,
                                output_hidden_states=output_hidden_states)
         tokens = self.ln_final(out.last_hidden_state)  # (B, T, D)

@@ -5,8 +5,10 @@ GPT-2 / ViT / CLIP (Radford et al., 2019; Dosovitskiy et al., 2021; Radford et a
 the decoder cross-attention of the original encoder-decoder, which BLIP-style captioners reuse.
 
 This file holds the *only* attention implementation in the package. Self-attention,
-cross-attention, causal masking, key-padding masks, the KV cache used by generation and the
-attention maps drawn in the notebooks are all options of one `Attention` module.
+cross-attention to a `memory` (the image), causal masking, key-padding masks, the KV cache used
+by generation, the attention maps drawn in the notebooks and the one-query "pooled" last block
+CLIP reads its embeddings from are all options of one `Attention` module and one `Transformer`.
+`Transformer.forward` builds the masks once and hands the same prepared mask to every block.
 
 The one idea to take away: attention is softmax(Q K^T / sqrt(d)) V, and everything else
 (causality, padding, caching, cross-modal conditioning) is a choice of *which keys a query
@@ -14,7 +16,6 @@ may see* (the mask) and *where the keys come from* (the same sequence or another
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -63,14 +64,16 @@ class LayerCache:
         self.cross_attn.reorder(index)
 
 
-def build_mask(attention_mask: torch.Tensor | None, causal: bool, T: int, S: int,
-               device: torch.device) -> torch.Tensor | None:
-    """Boolean mask (B|1, 1, T, S), True where query t may attend to key s.
+def build_mask(attention_mask: torch.Tensor | None, *, causal: bool, T: int, S: int, device: torch.device,
+               query_positions: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Boolean mask (B|1, 1, T, S), True where query t may attend to key s; None = every key.
 
-    Causal masks are aligned bottom-right, so with S - T cached keys, query t sits at absolute
-    position S - T + t and sees keys 0..S-T+t. A query that may see nothing at all (a left-pad
-    position under a causal mask) is allowed to see every key instead: its output is garbage
-    but finite, it is never read, and softmax over an empty set would otherwise give NaN.
+    attention_mask (B, S): 1 for keys to attend to, 0 for padding. Causal masks are aligned
+    bottom-right, so with S - T cached keys, query t sits at absolute position S - T + t and sees
+    keys 0..S-T+t; `query_positions` (B|1, T) places the queries elsewhere (the pooled token).
+    A query that may see nothing at all (a left-pad position under a causal mask) is allowed to
+    see every key instead: its output is garbage but finite, it is never read, and softmax over
+    an empty set would otherwise give NaN.
     """
     mask = None
     if attention_mask is not None:
@@ -78,68 +81,68 @@ def build_mask(attention_mask: torch.Tensor | None, causal: bool, T: int, S: int
             raise ValueError(f"attention_mask must be (B, {S}) over the keys, got {tuple(attention_mask.shape)}")
         mask = rearrange(attention_mask.bool(), "b s -> b 1 1 s")
     if causal:
-        q_pos = torch.arange(T, device=device) + (S - T)
-        causal_mask = q_pos[:, None] >= torch.arange(S, device=device)[None, :]  # (T, S)
-        mask = causal_mask[None, None] if mask is None else mask & causal_mask
+        if query_positions is None:
+            query_positions = torch.arange(S - T, S, device=device)[None]  # (1, T): after S - T cached keys
+        allowed = query_positions[..., None] >= torch.arange(S, device=device)  # (B|1, T, S)
+        allowed = rearrange(allowed, "b t s -> b 1 t s")
+        mask = allowed if mask is None else mask & allowed
     if mask is not None:
         mask = mask | ~mask.any(dim=-1, keepdim=True)
     return mask
 
 
 class Attention(nn.Module):
-    """Multi-head attention; self-attention when `context` is None, cross-attention otherwise."""
+    """Multi-head attention; self-attention when `memory` is None, cross-attention otherwise."""
 
-    def __init__(self, dim: int, n_heads: int, kv_dim: int | None = None, bias: bool = True,
+    def __init__(self, dim: int, n_heads: int, *, memory_dim: int | None = None, bias: bool = True,
                  dropout: float = 0.0) -> None:
         super().__init__()
         if dim % n_heads != 0:
             raise ValueError(f"width {dim} must be divisible by the number of heads {n_heads}")
-        kv_dim = kv_dim or dim
+        memory_dim = memory_dim or dim
         self.n_heads, self.head_dim, self.dropout = n_heads, dim // n_heads, dropout
         self.q_proj = nn.Linear(dim, dim, bias=bias)
-        self.k_proj = nn.Linear(kv_dim, dim, bias=bias)
-        self.v_proj = nn.Linear(kv_dim, dim, bias=bias)
+        self.k_proj = nn.Linear(memory_dim, dim, bias=bias)
+        self.v_proj = nn.Linear(memory_dim, dim, bias=bias)
         self.out_proj = nn.Linear(dim, dim, bias=bias)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return rearrange(x, "b t (h d) -> b h t d", h=self.n_heads)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, *,
-                attention_mask: torch.Tensor | None = None, causal: bool = False,
-                cache: KVCache | None = None, need_weights: bool = False
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None, *, mask: torch.Tensor | None = None,
+                is_causal: bool = False, cache: KVCache | None = None, need_weights: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x (B, T, D) attends to context (B, S, Dkv), or to itself (and the cache) when None.
+        """x (B, T, D) attends to memory (B, S, Dm), or to itself (and the cache) when memory is None.
 
-        attention_mask (B, S): 1 for keys to attend to, 0 for padding; S counts cached keys too.
+        mask (B|1, 1, T, S) bool from `build_mask` (S counts cached keys too), None = every key;
+        is_causal = the fused kernel's own causal mask instead (no padding, no cache, T == S).
         Returns the output (B, T, D) and, with need_weights, the weights (B, H, T, S).
         """
         if x.dim() != 3:
             raise ValueError(f"attention input must be (B, T, D), got shape {tuple(x.shape)}")
+        if is_causal and mask is not None:
+            raise ValueError("pass a mask or is_causal=True, not both")
         q = self._heads(self.q_proj(x))  # (B, H, T, Dh)
-        if context is not None and cache is not None and len(cache) > 0:
+        if memory is not None and cache is not None and len(cache) > 0:
             k, v = cache.k, cache.v  # cross-attention memory was projected on the first step
         else:
-            source = x if context is None else context
+            source = x if memory is None else memory
             k, v = self._heads(self.k_proj(source)), self._heads(self.v_proj(source))  # (B, H, S, Dh)
             if cache is not None:
                 k, v = cache.append(k, v)
-        T, S = q.shape[2], k.shape[2]
         dropout = self.dropout if self.training else 0.0
 
         if need_weights:  # explicit path: the weights are what the notebooks draw
-            mask = build_mask(attention_mask, causal, T, S, x.device)
-            scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, H, T, S)
+            if is_causal:
+                mask = build_mask(None, causal=True, T=q.shape[2], S=k.shape[2], device=x.device)
+            scores = q @ k.transpose(-2, -1) * self.head_dim**-0.5  # (B, H, T, S)
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
             weights = scores.softmax(dim=-1)
-            out = F.dropout(weights, dropout, self.training) @ v  # (B, H, T, Dh)
+            out = F.dropout(weights, dropout) @ v  # (B, H, T, Dh)
         else:  # fast path: fused kernels (flash / memory-efficient) where the device has them
             weights = None
-            if causal and attention_mask is None and T == S:
-                out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-            else:
-                mask = build_mask(attention_mask, causal and T > 1, T, S, x.device)
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
         out = rearrange(out, "b h t d -> b t (h d)")
         return self.out_proj(out), weights
 
@@ -171,41 +174,59 @@ class MLP(nn.Module):
         return self.drop(self.fc2(self.act(self.fc1(x))))
 
 
+def _take(x: torch.Tensor, index: int | torch.Tensor) -> torch.Tensor:
+    """Token `index` of every row of x (B, T, D): an int, or a (B,) tensor with one index per row."""
+    if isinstance(index, int):
+        return x[:, index, None]  # (B, 1, D)
+    return x[torch.arange(x.shape[0], device=x.device), index][:, None]  # (B, 1, D)
+
+
 class Block(nn.Module):
     """Pre-norm block: self-attention, optional cross-attention to a memory, MLP; each residual."""
 
-    def __init__(self, dim: int, n_heads: int, mlp_ratio: float = 4.0, activation: str = "gelu",
-                 cross_attention: bool = False, kv_dim: int | None = None, norm_eps: float = 1e-5,
+    def __init__(self, dim: int, n_heads: int, *, mlp_ratio: float = 4.0, activation: str = "gelu",
+                 cross_attention: bool = False, memory_dim: int | None = None, norm_eps: float = 1e-5,
                  dropout: float = 0.0) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, n_heads, dropout=dropout)
-        self.cross_attn = Attention(dim, n_heads, kv_dim=kv_dim, dropout=dropout) if cross_attention else None
+        self.cross_attn = Attention(dim, n_heads, memory_dim=memory_dim, dropout=dropout) if cross_attention else None
         self.ln_cross = nn.LayerNorm(dim, eps=norm_eps) if cross_attention else None
         self.ln_2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = MLP(dim, int(dim * mlp_ratio), activation, dropout)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, *, attention_mask: torch.Tensor | None = None, causal: bool = False,
-                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
-                cache: LayerCache | None = None, need_weights: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        h, weights = self.attn(self.ln_1(x), attention_mask=attention_mask, causal=causal,
-                               cache=cache.self_attn if cache else None, need_weights=need_weights)
-        x = x + self.drop(h)
+    def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, is_causal: bool = False,
+                memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None,
+                cache: LayerCache | None = None, need_weights: bool = False,
+                query_index: int | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (B, T, D) -> (B, T, D) and, with need_weights, the self-attention weights.
+
+        Masks come prepared by `Transformer.forward` (`build_mask` output). With query_index (an int
+        or (B,)), only that token of each row is computed, -> (B, 1, D): its query reads the keys and
+        values of every token, then the MLP runs on it alone.
+        """
+        h = self.ln_1(x)  # (B, T, D)
+        if query_index is None:
+            a, weights = self.attn(h, mask=mask, is_causal=is_causal, cache=cache.self_attn if cache else None,
+                                   need_weights=need_weights)
+        else:
+            x = _take(x, query_index)  # (B, 1, D)
+            a, weights = self.attn(_take(h, query_index), h, mask=mask, need_weights=need_weights)
+        x = x + self.drop(a)
         if self.cross_attn is not None:
-            if context is None:
-                raise ValueError("this block has cross-attention: pass `context` (the memory to attend to)")
-            h, _ = self.cross_attn(self.ln_cross(x), context, attention_mask=context_mask,
+            if memory is None:
+                raise ValueError("this block has cross-attention: pass `memory` (what to attend to)")
+            a, _ = self.cross_attn(self.ln_cross(x), memory, mask=memory_mask,
                                    cache=cache.cross_attn if cache else None)
-            x = x + self.drop(h)
+            x = x + self.drop(a)
         x = x + self.mlp(self.ln_2(x))
         return x, weights
 
 
 @dataclass
 class TransformerOutput:
-    last_hidden_state: torch.Tensor  # (B, T, D)
+    last_hidden_state: torch.Tensor  # (B, T, D); (B, D) with pool_index
     hidden_states: list[torch.Tensor] | None = None  # depth + 1 entries: the input, then each block's output
     attentions: list[torch.Tensor] | None = None  # depth entries of (B, H, T, S)
 
@@ -213,13 +234,14 @@ class TransformerOutput:
 class Transformer(nn.Module):
     """A stack of `depth` pre-norm blocks (the final LayerNorm belongs to the model using it)."""
 
-    def __init__(self, dim: int, depth: int, n_heads: int, mlp_ratio: float = 4.0, activation: str = "gelu",
-                 cross_attention: bool = False, kv_dim: int | None = None, norm_eps: float = 1e-5,
+    def __init__(self, dim: int, depth: int, n_heads: int, *, mlp_ratio: float = 4.0, activation: str = "gelu",
+                 cross_attention: bool = False, memory_dim: int | None = None, norm_eps: float = 1e-5,
                  dropout: float = 0.0) -> None:
         super().__init__()
-        self.dim = dim
+        self.dim, self.cross_attention = dim, cross_attention
         self.blocks = nn.ModuleList(
-            Block(dim, n_heads, mlp_ratio, activation, cross_attention, kv_dim, norm_eps, dropout)
+            Block(dim, n_heads, mlp_ratio=mlp_ratio, activation=activation, cross_attention=cross_attention,
+                  memory_dim=memory_dim, norm_eps=norm_eps, dropout=dropout)
             for _ in range(depth))
 
     def new_cache(self) -> list[LayerCache]:
@@ -227,24 +249,73 @@ class Transformer(nn.Module):
         return [LayerCache(KVCache(), KVCache()) for _ in self.blocks]
 
     def forward(self, x: torch.Tensor, *, attention_mask: torch.Tensor | None = None, causal: bool = False,
-                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
+                memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None,
                 cache: list[LayerCache] | None = None, need_weights: bool = False,
-                output_hidden_states: bool = False) -> TransformerOutput:
+                output_hidden_states: bool = False, pool_index: int | torch.Tensor | None = None
+                ) -> TransformerOutput:
+        """x (B, T, D) through every block.
+
+        attention_mask (B, past + T): 1 = real, 0 = pad, over the cached positions too. causal: each
+        query sees the keys up to its own position. memory (B, S, Dm) and memory_mask (B, S) feed
+        the cross-attention. pool_index (an int, 0 = the class token, or (B,) one index per row):
+        return only that token's output (B, D). Nothing else reads the other tokens' outputs of
+        the last block, so it computes attention for that one query and the MLP on that one token:
+        the same numbers at about 1/depth less cost (how CLIP reads its embeddings).
+        """
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"transformer input must be (B, T, {self.dim}), got {tuple(x.shape)}")
         if cache is not None and len(cache) != len(self.blocks):
             raise ValueError(f"cache has {len(cache)} layers, the transformer has {len(self.blocks)}")
+        if self.cross_attention and memory is None:
+            raise ValueError("this transformer has cross-attention: pass memory (B, S, memory_dim)")
+        if not self.cross_attention and memory is not None:
+            raise ValueError("memory given but the model was built with cross_attention=False")
+        if memory is not None and (memory.dim() != 3 or memory.shape[0] != x.shape[0]):
+            raise ValueError(f"memory must be (B={x.shape[0]}, S, memory_dim), got {tuple(memory.shape)}")
+        T, dev = x.shape[1], x.device
+        past = len(cache[0].self_attn) if cache else 0
+        # The masks, once for every block. SDPA's own causal mask (fused, no mask tensor at all) is
+        # top-left aligned and knows no padding: use it when that is the whole story.
+        fused_causal = causal and attention_mask is None and past == 0 and not need_weights
+        # One new query (T == 1) is the last position: a causal mask would hide nothing from it.
+        mask = None if fused_causal else build_mask(attention_mask, causal=causal and T > 1, T=T, S=past + T,
+                                                    device=dev)
+        if memory_mask is not None:
+            if memory is None:
+                raise ValueError("memory_mask given without memory")
+            memory_mask = build_mask(memory_mask, causal=False, T=T, S=memory.shape[1], device=dev)  # (B, 1, 1, S)
+        blocks = list(self.blocks)
+        if pool_index is not None:
+            *blocks, last = blocks
+            if cache is not None or need_weights or output_hidden_states:
+                raise ValueError("pool_index returns one token per row: it does not combine with a cache, "
+                                 "need_weights or output_hidden_states")
+            pool_mask = _pool_mask(pool_index, attention_mask, causal, T, dev)  # (B|1, 1, 1, T)
         hidden = [x] if output_hidden_states else None
         attentions = [] if need_weights else None
-        for i, block in enumerate(self.blocks):
-            x, weights = block(x, attention_mask=attention_mask, causal=causal, context=context,
-                               context_mask=context_mask, cache=cache[i] if cache else None,
-                               need_weights=need_weights)
+        for i, block in enumerate(blocks):
+            x, weights = block(x, mask=mask, is_causal=fused_causal, memory=memory, memory_mask=memory_mask,
+                               cache=cache[i] if cache else None, need_weights=need_weights)
             if hidden is not None:
                 hidden.append(x)
             if attentions is not None:
                 attentions.append(weights)
+        if pool_index is not None:
+            x, _ = last(x, mask=pool_mask, memory=memory, memory_mask=memory_mask, query_index=pool_index)
+            x = x[:, 0]  # (B, D)
         return TransformerOutput(x, hidden, attentions)
+
+def _pool_mask(pool_index: int | torch.Tensor, attention_mask: torch.Tensor | None, causal: bool, T: int,
+               device: torch.device) -> torch.Tensor | None:
+    """Check pool_index and build the pooled query's mask (B|1, 1, 1, T): causal, it sits at pool_index."""
+    if isinstance(pool_index, bool) or not isinstance(pool_index, (int, torch.Tensor)):
+        raise TypeError(f"pool_index must be an int or a (B,) integer tensor, got {type(pool_index).__name__}")
+    if isinstance(pool_index, int) and not 0 <= pool_index < T:
+        raise ValueError(f"pool_index {pool_index} is outside the {T} tokens")
+    if isinstance(pool_index, torch.Tensor) and (pool_index.dim() != 1 or pool_index.is_floating_point()):
+        raise ValueError(f"pool_index must be a (B,) integer tensor, got {pool_index.dtype} {tuple(pool_index.shape)}")
+    positions = torch.as_tensor(pool_index, device=device).reshape(-1, 1)  # (B|1, 1)
+    return build_mask(attention_mask, causal=causal, T=1, S=T, device=device, query_positions=positions)
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:

@@ -4,7 +4,7 @@ Follows "An Image is Worth 16x16 Words" (Dosovitskiy et al., 2021) in the varian
 uses (Radford et al., 2021): a bias-free convolutional patch embedding, a learned class token,
 learned position embeddings, a LayerNorm *before* the transformer (`ln_pre`), pre-norm blocks,
 and a LayerNorm after it (`ln_post`). Keeping CLIP's exact shape is what lets the converter in
-`clip.py` load `transformers` CLIP weights into this module unchanged.
+`minivl.clip.convert` load `transformers` CLIP weights into this module unchanged.
 
 The one idea to take away: an image becomes a sentence. Cut it into P x P patches, project each
 patch to a vector (a strided convolution does exactly that), add where it came from, and a
@@ -97,7 +97,7 @@ class VisionTransformer(Checkpointable, nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(c.width))
         self.pos_embed = nn.Parameter(torch.zeros(1 + c.grid**2, c.width))
         self.ln_pre = nn.LayerNorm(c.width, eps=c.norm_eps)
-        self.transformer = Transformer(c.width, c.depth, c.heads, c.mlp_ratio, c.activation,
+        self.transformer = Transformer(c.width, c.depth, c.heads, mlp_ratio=c.mlp_ratio, activation=c.activation,
                                        norm_eps=c.norm_eps, dropout=c.dropout)
         self.ln_post = nn.LayerNorm(c.width, eps=c.norm_eps)
         self.apply(init_weights)
@@ -166,4 +166,4 @@ class ViTClassifier(Checkpointable, nn.Module):
         logits = self(batch["image"])
         loss = F.cross_entropy(logits.float(), batch["label"])
         acc = (logits.argmax(-1) == batch["label"]).float().mean()
-        return loss, {"acc": acc.item()}
+        return loss, {"acc": acc}  # a tensor: .item() here would sync the device every step

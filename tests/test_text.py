@@ -4,7 +4,7 @@ features), with the package's own tokenizer, and for its input checks."""
 import pytest
 import torch
 
-from minivl.text import TextConfig, TextEncoder
+from minivl.text import TextConfig, TextEncoder, check_tokens
 from minivl.tokenizer import Tokenizer
 
 
@@ -140,3 +140,24 @@ def test_unknown_preset_raises_and_save_load_roundtrip(tmp_path):
     assert loaded.config == enc.config
     ids = _ids(2, 5, enc.config.vocab_size)
     torch.testing.assert_close(loaded(ids).pooled, enc(ids).pooled)
+
+
+def test_left_padding_is_rejected_since_pooling_reads_the_last_real_token():
+    enc = _encoder()
+    with pytest.raises(ValueError, match="right-padded"):
+        enc(_ids(1, 4, enc.config.vocab_size), torch.tensor([[0, 0, 1, 1]]))
+    with pytest.raises(ValueError, match="must match"):
+        enc(_ids(1, 4, enc.config.vocab_size), torch.ones(1, 5))
+
+
+def test_value_checks_run_where_data_enters_not_on_every_accelerator_forward():
+    # On the meta device a tensor has a shape and a dtype but no values: reading one (min, max, any)
+    # raises. check_tokens passing there proves an accelerator forward would not sync on them.
+    ids, mask = torch.zeros(2, 5, dtype=torch.long, device="meta"), torch.ones(2, 5, device="meta")
+    check_tokens(ids, 300, 16, mask, right_padded=True)
+    with pytest.raises(TypeError, match="integer"):  # shapes and dtypes are still checked, for free
+        check_tokens(ids.float(), 300, 16)
+    with pytest.raises(ValueError, match="context length"):
+        check_tokens(torch.zeros(1, 17, dtype=torch.long, device="meta"), 300, 16)
+    with pytest.raises(ValueError, match=r"\[0, 300\)"):  # ...and values on the CPU, where batches come from
+        check_tokens(torch.tensor([[1, 300]]), 300, 16)

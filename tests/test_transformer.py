@@ -1,18 +1,21 @@
 """Attention is checked against the formula, against torch's own MultiheadAttention, and for the
-three properties generation relies on: no causal leakage, padding invariance, cache == no cache."""
+three properties generation relies on: no causal leakage, padding invariance, cache == no cache;
+the stack builds its masks once per forward, and its pooled last block equals the full stack."""
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+import minivl.transformer as tr
 from minivl.transformer import Attention, Block, Transformer, build_mask, init_weights
 
 
-def _explicit_attention(attn: Attention, x, context=None, allowed=None):
+def _explicit_attention(attn: Attention, x, memory=None, allowed=None):
     """softmax(Q K^T / sqrt(d)) V written out, heads handled by hand."""
     B, T, D = x.shape
-    src = x if context is None else context
+    src = x if memory is None else memory
     H, Dh = attn.n_heads, attn.head_dim
     q = attn.q_proj(x).view(B, T, H, Dh).transpose(1, 2)
     k = attn.k_proj(src).view(B, src.shape[1], H, Dh).transpose(1, 2)
@@ -38,7 +41,7 @@ def test_attention_equals_formula(need_weights):
 
 def test_cross_attention_equals_formula():
     torch.manual_seed(0)
-    attn = Attention(32, 4, kv_dim=24).eval()
+    attn = Attention(32, 4, memory_dim=24).eval()
     x, mem = torch.randn(2, 5, 32), torch.randn(2, 9, 24)
     out, _ = attn(x, mem)
     assert out.shape == (2, 5, 32)
@@ -62,7 +65,8 @@ def test_attention_matches_torch_multihead_attention(causal):
     want, want_w = ref(x, x, x, key_padding_mask=pad == 0, attn_mask=ref_causal,
                        average_attn_weights=False)
     for need_weights in (False, True):
-        got, got_w = ours(x, attention_mask=pad, causal=causal, need_weights=need_weights)
+        mask = build_mask(pad, causal=causal, T=6, S=6, device=x.device)  # (3, 1, 6, 6)
+        got, got_w = ours(x, mask=mask, need_weights=need_weights)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         if need_weights:
             torch.testing.assert_close(got_w, want_w, atol=1e-5, rtol=1e-5)
@@ -70,7 +74,7 @@ def test_attention_matches_torch_multihead_attention(causal):
 
 def _model(cross=False, depth=2):
     torch.manual_seed(0)
-    model = Transformer(32, depth, 4, cross_attention=cross, kv_dim=16 if cross else None).eval()
+    model = Transformer(32, depth, 4, cross_attention=cross, memory_dim=16 if cross else None).eval()
     model.apply(init_weights)
     return model
 
@@ -124,11 +128,11 @@ def test_kv_cache_equals_full_recomputation(cross):
     model = _model(cross=cross)
     x = torch.randn(2, 9, 32)
     mem = torch.randn(2, 6, 16) if cross else None
-    full = model(x, causal=True, context=mem).last_hidden_state
+    full = model(x, causal=True, memory=mem).last_hidden_state
     cache = model.new_cache()
-    steps = [model(x[:, :4], causal=True, context=mem, cache=cache).last_hidden_state]  # prompt at once
+    steps = [model(x[:, :4], causal=True, memory=mem, cache=cache).last_hidden_state]  # prompt at once
     for t in range(4, 9):  # then one token at a time
-        steps.append(model(x[:, t:t + 1], causal=True, context=mem, cache=cache).last_hidden_state)
+        steps.append(model(x[:, t:t + 1], causal=True, memory=mem, cache=cache).last_hidden_state)
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
     assert len(cache[0].self_attn) == 9
     if cross:
@@ -149,7 +153,7 @@ def test_kv_cache_reorder_follows_beams():
 
 
 def test_build_mask_is_bottom_right_aligned():
-    m = build_mask(None, True, T=2, S=4, device=torch.device("cpu"))[0, 0]
+    m = build_mask(None, causal=True, T=2, S=4, device=torch.device("cpu"))[0, 0]
     assert m.tolist() == [[True, True, True, False], [True, True, True, True]]
 
 
@@ -169,7 +173,71 @@ def test_bad_inputs_raise_clear_errors():
         model(torch.randn(2, 4, 32), attention_mask=torch.ones(2, 5))
     with pytest.raises(ValueError, match="divisible"):
         Attention(30, 4)
-    with pytest.raises(ValueError, match="context"):
+    with pytest.raises(ValueError, match="memory"):
         Block(32, 4, cross_attention=True)(torch.randn(1, 2, 32))
+    with pytest.raises(ValueError, match="cross_attention=False"):
+        model(torch.randn(2, 4, 32), memory=torch.randn(2, 3, 32))
+    with pytest.raises(ValueError, match="pass memory"):
+        _model(cross=True)(torch.randn(2, 4, 32))
+    with pytest.raises(ValueError, match="not both"):
+        Attention(32, 4)(torch.randn(1, 2, 32), mask=torch.ones(1, 1, 2, 2, dtype=torch.bool), is_causal=True)
+    with pytest.raises(TypeError):
+        Block(32, 4, 4.0)  # everything after dim and n_heads is keyword-only
     with pytest.raises(ValueError, match="activation"):
         Block(32, 4, activation="relu6")
+
+
+def test_masks_are_built_once_per_forward_not_once_per_layer(monkeypatch):
+    calls = []
+    real = tr.build_mask
+    monkeypatch.setattr(tr, "build_mask", lambda *a, **k: calls.append(k) or real(*a, **k))
+    model = _model(cross=True, depth=4)
+    x, mem = torch.randn(2, 5, 32), torch.randn(2, 3, 16)
+    model(x, attention_mask=torch.ones(2, 5), causal=True, memory=mem, memory_mask=torch.ones(2, 3))
+    assert len(calls) == 2  # the self-attention mask and the memory mask, shared by the 4 blocks
+
+
+def test_fused_causal_kernel_without_padding_explicit_mask_with_it(monkeypatch):
+    seen = []
+    real = F.scaled_dot_product_attention
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("attn_mask") is None, kwargs.get("is_causal", False)))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model = _model()
+    x = torch.randn(2, 6, 32)
+    fused = model(x, causal=True).last_hidden_state
+    assert seen == [(True, True)] * 2  # no mask tensor at all: SDPA's own causal mask
+    seen.clear()
+    masked = model(x, attention_mask=torch.ones(2, 6), causal=True).last_hidden_state
+    assert seen == [(False, False)] * 2
+    torch.testing.assert_close(fused, masked, atol=1e-5, rtol=1e-5)
+
+
+def test_pooled_last_block_equals_the_full_stack_at_that_token():
+    model = _model(depth=3)
+    x = torch.randn(4, 7, 32)
+    # causal text, right-padded: the pooled token is each row's last real one
+    lengths = torch.tensor([7, 3, 5, 1])
+    mask = (torch.arange(7)[None] < lengths[:, None]).long()  # (4, 7)
+    full = model(x, attention_mask=mask, causal=True).last_hidden_state
+    want = full[torch.arange(4), lengths - 1]  # (4, D)
+    for m in (mask, None):  # without the mask too: under a causal mask real tokens never see right pads
+        got = model(x, attention_mask=m, causal=True, pool_index=lengths - 1).last_hidden_state
+        assert got.shape == (4, 32)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # a ViT: bidirectional, the class token at index 0
+    full = model(x).last_hidden_state
+    torch.testing.assert_close(model(x, pool_index=0).last_hidden_state, full[:, 0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(model(x, pool_index=1).last_hidden_state, full[:, 0])  # the index matters
+    # cross-attention blocks pool too
+    cross = _model(cross=True)
+    mem = torch.randn(4, 3, 16)
+    torch.testing.assert_close(cross(x, memory=mem, pool_index=2).last_hidden_state,
+                               cross(x, memory=mem).last_hidden_state[:, 2], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="outside"):
+        model(x, pool_index=7)
+    with pytest.raises(ValueError, match="need_weights"):
+        model(x, pool_index=0, need_weights=True)
+    with pytest.raises(TypeError, match="pool_index"):
+        model(x, pool_index=0.0)

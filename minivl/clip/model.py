@@ -31,10 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minivl import distributed
 from minivl.checkpoint import Checkpointable
 from minivl.data import world_tokenizer
 from minivl.tokenizer import Tokenizer
-from minivl.text import TextConfig, TextEncoder, check_tokens
+from minivl.text import TextConfig, TextEncoder, last_token_index
 from minivl.vit import ViTConfig, VisionTransformer
 
 CONTEXT_LENGTH = 40  # tokens per text for every CLIP preset (OpenAI's CLIP: 77); Shapes World captions fit
@@ -121,27 +122,32 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     return (F.cross_entropy(logits, per_image) + F.cross_entropy(logits.T, per_text)) / 2
 
 
-def _pooled_last_block(blocks: nn.ModuleList, x: torch.Tensor, query_index: torch.Tensor | None,
-                       key_mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
-    """Run pre-norm `blocks` on x (B, S, D) and return only the pooled token's output (B, D).
+def _across_ranks(batch: dict, image_features: torch.Tensor, text_features: torch.Tensor):
+    """DDP's global batch, as open_clip's `gather_with_grad`: (every process's image and text
+    features, (W*b, E) each in rank order, and the positives among them (W*b, W*b) or None).
 
-    CLIP reads one token per sequence (the class token, or the end-of-text token), and in the last
-    block nothing else can reach it: the other tokens' queries and MLPs there are wasted work. So
-    the last block runs attention for that one query (keys and values still from every token,
-    `key_mask` saying which it may see) and the MLP on that one token. Same numbers as the full
-    stack, about (depth - 1) / depth of its cost; on a 2-block text tower that is half.
-    `query_index` (B,) picks the token per row (None: token 0, the class token).
+    Why the update is one process's on the whole batch: every rank computes the same global loss L
+    from the same gathered rows. The all_gather backward hands rank r the sum over the W ranks of
+    dL/d(its rows), W * dL/d(its rows); DDP averages the W ranks' gradients, so the towers get
+    dL/dtheta; logit_scale is read locally, the same on every rank, and gets dL/ds. The trainer's
+    weight on each rank's loss (its row share b/B times W, undoing DDP's average) is 1 here.
     """
-    for block in blocks[:-1]:
-        x, _ = block(x, causal=causal)  # (B, S, D)
-    last = blocks[-1]
-    rows = torch.arange(x.shape[0], device=x.device)
-    pick = (lambda t: t[:, 0]) if query_index is None else (lambda t: t[rows, query_index])
-    h = last.ln_1(x)  # (B, S, D): every token is a key and a value
-    a, _ = last.attn(pick(h)[:, None], context=h, attention_mask=key_mask)  # (B, 1, D): one query
-    y = pick(x)[:, None] + last.drop(a)  # (B, 1, D)
-    y = y + last.mlp(last.ln_2(y))
-    return y[:, 0]  # (B, D)
+    positives = batch.get("positives")
+    if "global_rows" not in batch:  # a share the loader cut (StepSampler), not split_batch(ranks=True)
+        if positives is not None:
+            raise ValueError("under DDP CLIP needs the whole batch's positives mask (which captions of other "
+                             "processes' rows are positives), but this share was loaded alone: pass the "
+                             "Trainer a get_batch(step) callable or an unsharded iterable, or drop positives")
+        sizes = distributed.all_gather_rows(torch.tensor([image_features.shape[0]], device=image_features.device))
+        if len(set(sizes.tolist())) > 1:
+            raise ValueError(f"under DDP CLIP gathers every process's features, so the shares must be equal; "
+                             f"got {sizes.tolist()} rows: use a batch size divisible by the number of processes")
+    image = distributed.all_gather_rows(image_features, grad=True)  # (W*b, E)
+    text = distributed.all_gather_rows(text_features, grad=True)  # (W*b, E)
+    if positives is not None:
+        rows = distributed.all_gather_rows(batch["global_rows"])  # (W*b,): places in the whole batch
+        positives = distributed.all_gather_rows(batch["global_positives"])[:, rows]  # (W*b, W*b)
+    return image, text, positives
 
 
 class CLIP(Checkpointable, nn.Module):
@@ -166,11 +172,11 @@ class CLIP(Checkpointable, nn.Module):
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> unnormalised image embeddings (B, E).
 
-        Equals `visual_projection(visual(image).pooled)`, computed with `_pooled_last_block`.
+        Equals `visual_projection(visual(image).pooled)`; the stack's `pool_index=0` computes the
+        last block for the class token alone, the only token CLIP reads.
         """
         v = self.visual
-        x = v.ln_pre(v.embed(image))  # (B, 1 + N, D)
-        pooled = _pooled_last_block(v.transformer.blocks, x, query_index=None, key_mask=None, causal=False)
+        pooled = v.transformer(v.ln_pre(v.embed(image)), pool_index=0).last_hidden_state  # (B, D)
         return self.visual_projection(v.ln_post(pooled))  # (B, E)
 
     def _text_inputs(self, text) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -187,26 +193,19 @@ class CLIP(Checkpointable, nn.Module):
                         f"got {type(text).__name__}")
 
     def encode_text(self, text) -> torch.Tensor:
-        """Token ids (B, T) - a tensor from `tokenize` or a tokenizer's dict - -> embeddings (B, E)."""
+        """Token ids (B, T) - a tensor from `tokenize` or a tokenizer's dict - -> embeddings (B, E).
+
+        Equals `text_projection(text(ids, mask).pooled)`, read at the end-of-text token.
+        """
         input_ids, mask = self._text_inputs(text)
-        check_tokens(input_ids, self.config.text.vocab_size, self.config.text.context_length)
-        if mask is None:
-            last = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
-        else:
-            if mask.shape != input_ids.shape:
-                raise ValueError(f"attention_mask {tuple(mask.shape)} must match input_ids {tuple(input_ids.shape)}")
-            if (mask[:, 1:] > mask[:, :-1]).any():
-                raise ValueError("texts must be right-padded (attention_mask like 1 1 1 0 0)")
-            last = mask.long().sum(1) - 1
-            if (last < 0).any():
-                raise ValueError("every text needs at least one real token (a row of attention_mask is all zeros)")
-        # Right padding under a causal mask: real tokens never see the pads, so the padding mask
-        # changes nothing we read. Leaving it out lets attention use the fused causal kernel.
         t = self.text
-        x = t.token_embedding(input_ids) + t.pos_embed[:input_ids.shape[1]]  # (B, T, D)
-        keys = torch.arange(input_ids.shape[1], device=input_ids.device)[None] <= last[:, None]  # (B, T)
-        pooled = _pooled_last_block(t.transformer.blocks, x, query_index=last, key_mask=keys, causal=True)
-        return self.text_projection(t.ln_final(pooled))  # (B, E), = text(ids).tokens at eos, projected
+        x = t.embed(input_ids, mask)  # (B, T, D); checks right padding (on CPU, see check_tokens)
+        last = last_token_index(mask, input_ids)  # (B,)
+        # Right padding under a causal mask: real tokens never see the pads, so the padding mask
+        # changes nothing we read. Leaving it out lets the blocks use the fused causal kernel; the
+        # pooled query at `last` sees the keys up to itself.
+        pooled = t.transformer(x, causal=True, pool_index=last).last_hidden_state  # (B, D)
+        return self.text_projection(t.ln_final(pooled))  # (B, E)
 
     # ------------------------------------------------------------------ logits and loss
     def scale(self) -> torch.Tensor:
@@ -214,9 +213,16 @@ class CLIP(Checkpointable, nn.Module):
         return self.logit_scale.exp().clamp(max=self.config.logit_scale_max)
 
     def clamp_logit_scale_(self) -> None:
-        """Clamp the stored log scale in place, as OpenAI does after each optimizer step."""
+        """Clamp the stored log scale in place to [0, ln(logit_scale_max)], as OpenAI does after each
+        optimizer step: past the maximum, the clamp in `scale()` would pass it no gradient, and it
+        could never come back down."""
         with torch.no_grad():
             self.logit_scale.clamp_(0.0, math.log(self.config.logit_scale_max))
+
+    def after_step(self) -> None:
+        """Called by `minivl.train.Trainer` after every optimizer update (call it yourself in a hand-written
+        loop): the loss only reads the parameters, the update is where they may leave their range."""
+        self.clamp_logit_scale_()
 
     def forward(self, image: torch.Tensor, text) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (logits_per_image (B_img, B_txt), logits_per_text (B_txt, B_img)), like OpenAI's CLIP."""
@@ -227,24 +233,74 @@ class CLIP(Checkpointable, nn.Module):
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """Contrastive loss on batch{image, input_ids, attention_mask}: the pairs on the diagonal, plus
-        batch["positives"] (B, B) when given (text j also describes image i; see `clip_loss`)."""
+        batch["positives"] (B, B) when given (text j also describes image i; see `clip_loss`).
+
+        Training under DDP (torch.distributed initialised with world_size > 1, train mode, grad
+        enabled), every process's features are gathered first, so each row's negatives are the whole
+        global batch and every rank computes the same global loss (`_across_ranks`). In eval mode or
+        under no_grad the loss is over this process's rows (an eval_fn on every rank sees one batch)."""
         for key in ("image", "input_ids"):
             if key not in batch:
                 raise ValueError(f"CLIP.loss needs batch[{key!r}], got keys {sorted(batch)}")
-        self.clamp_logit_scale_()  # the previous step may have pushed it past the maximum
         image_features = self.encode_image(batch["image"])
         text_features = self.encode_text({"input_ids": batch["input_ids"],
                                           "attention_mask": batch.get("attention_mask")})
+        positives = batch.get("positives")
+        if self.training and torch.is_grad_enabled() and distributed.world_size() > 1:
+            image_features, text_features, positives = _across_ranks(batch, image_features, text_features)
         scale = self.scale()
-        loss = clip_loss(image_features, text_features, temperature=1 / scale, positives=batch.get("positives"))
+        loss = clip_loss(image_features, text_features, temperature=1 / scale, positives=positives)
         with torch.no_grad():  # in-batch retrieval accuracy: a cheap sign of learning
             sims = F.normalize(image_features.float(), dim=-1) @ F.normalize(text_features.float(), dim=-1).T
-            pos = batch.get("positives")
+            pos = positives
             pos = torch.eye(sims.shape[0], dtype=torch.bool, device=sims.device) if pos is None else pos.bool()
             rows = torch.arange(sims.shape[0], device=sims.device)
-            i2t = pos[rows, sims.argmax(1)].float().mean().item()  # the best text is a valid caption
-            t2i = pos[sims.argmax(0), rows].float().mean().item()
-        return loss, {"i2t_acc": i2t, "t2i_acc": t2i, "logit_scale": scale.item()}
+            i2t = pos[rows, sims.argmax(1)].float().mean()  # the best text is a valid caption
+            t2i = pos[sims.argmax(0), rows].float().mean()
+        # tensors, not floats: .item() would make the host wait for the device every step
+        return loss, {"i2t_acc": i2t, "t2i_acc": t2i, "logit_scale": scale.detach()}
+
+    def split_batch(self, batch: dict, n: int, *, ranks: bool = False) -> list[dict]:
+        """`batch` cut into n row chunks for `minivl.train.Trainer`: accumulation micro-batches, or,
+        with ranks=True, one share per DDP process.
+
+        Per-row fields are cut as by `minivl.distributed.split_batch`; `positives` (B, B) is pairwise,
+        so chunk k gets its square block positives[rows_k][:, rows_k]. Without DDP a micro-batch is
+        then its own contrastive batch: a row's negatives are the other rows of its micro-batch, so
+        accumulation_steps=A trains on A batches of B/A pairs, not on one of B - fewer negatives, a
+        different loss (open_clip's accum_freq caches the other micro-batches' features to keep them
+        all; minivl does not).
+
+        ranks=True also gives each share `global_rows` (b,), its rows' places in the whole batch, and,
+        with positives, `global_positives` (b, B), its rows of the whole mask: `loss` gathers both to
+        rebuild the mask among every process's rows. The shares must be equal (all_gather needs one
+        shape). Under DDP with accumulation, micro-batch i of every rank is gathered into one
+        contrastive batch of B/A rows (rank r's i-th slice of its share): as many rows as one
+        process's micro-batch, but other ones, so the update is exactly one process's with
+        accumulation_steps=A on the batch reordered that way - not on the batch as given.
+        """
+        if not isinstance(batch, dict):
+            raise TypeError(f"CLIP.split_batch needs a dict batch, got {type(batch).__name__}")
+        rows = distributed.batch_rows(batch)
+        if ranks and rows is not None and rows % n:
+            raise ValueError(f"under DDP CLIP gathers every process's features, so the shares must be equal: "
+                             f"a batch of {rows} rows cannot make {n} of them; use a multiple of {n}")
+        positives = batch.get("positives")
+        rest = {k: v for k, v in batch.items() if k != "positives"}
+        if positives is not None and tuple(positives.shape) != (rows, rows):
+            raise ValueError(f"positives must be ({rows}, {rows}) for a batch of {rows} rows, got "
+                             f"{tuple(positives.shape)}")
+        if ranks and "global_rows" not in batch:
+            device = next(v.device for v in batch.values() if isinstance(v, torch.Tensor))
+            rest["global_rows"] = torch.arange(rows, device=device)
+            if positives is not None:
+                rest["global_positives"] = positives  # (B, B) -> each share's (b, B) rows
+        chunks = distributed.split_batch(rest, n)
+        if positives is not None:
+            for i, chunk in enumerate(chunks):
+                part = distributed.share(rows, n, i)
+                chunk["positives"] = positives[part, part]  # (b, b): the pairs inside the chunk
+        return chunks
 
     def tokenize(self, texts: str | list[str], truncate: bool = False) -> torch.Tensor:
         """`minivl.clip.tokenize` with this model's tokenizer and context length, on its device."""

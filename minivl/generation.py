@@ -1,0 +1,333 @@
+"""The one decoding engine: every generative model in minivl produces text through `generate`.
+
+Strategies: greedy; sampling with a temperature, top-k (Fan et al., 2018, "Hierarchical Neural
+Story Generation") and top-p / nucleus filtering (Holtzman et al., 2020, "The Curious Case of
+Neural Text Degeneration"); beam search ranking hypotheses by sum log p / length ** alpha (the
+simple form of the length penalty of Wu et al., 2016, "Google's Neural Machine Translation
+System"). Rules shared by all: the CTRL repetition penalty (Keskar et al., 2019), min/max new
+tokens, stop at eos and pad after it, never emit pad. Prompts may be batched with different
+lengths, padded on either side: they are left-aligned here and each row decodes as if alone.
+
+The engine knows nothing about the model beyond a small protocol (`Decoder`), so the causal LM,
+a BLIP-style captioner (cross-attention to image patches: pass `memory`) and a LLaVA-style model
+(image tokens as prefix embeddings: pass `inputs_embeds`) all decode through the same code.
+
+The one idea to take away: decoding is a loop of "logits of the next token -> pick -> append",
+and the strategies differ only in the pick; the KV cache makes each append cost one position.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class Decoder(Protocol):
+    """What `generate` needs from a model (`minivl.lm.CausalLM` has it; other families wrap one).
+
+    - an `nn.Module` (decoding runs in eval mode and restores the mode) with a `config` holding
+      `vocab_size`, `context_length` and optionally `eos_id` / `pad_id` (defaults for generate);
+    - `embed(input_ids=None, inputs_embeds=None) -> (B, P + T, D)`: the prefix embeddings followed by
+      the token embeddings, no positions yet;
+    - `forward(input_ids=None, attention_mask=None, *, inputs_embeds=None, cache=None, memory=None,
+      memory_mask=None) -> logits (B, N, V)` for N new positions. attention_mask (B, past + N) covers
+      the cached positions too (1 = real, 0 = pad) and positions must come from it (position = real
+      tokens before), so that a left-padded row gives the logits it would alone. memory/memory_mask
+      are passed only when given (cross-attention models). The engine calls it with `inputs_embeds`
+      (the prompt; without a cache, the whole sequence) or with one new token per row and the cache;
+    - optional `new_cache()`: an empty KV cache, a list of per-layer caches with `reorder(index)`
+      (`minivl.transformer.LayerCache`). Without it the engine recomputes the sequence every step.
+    """
+
+    config: object
+
+    def embed(self, input_ids=None, inputs_embeds=None) -> torch.Tensor: ...
+
+    def __call__(self, input_ids=None, attention_mask=None, **kwargs) -> torch.Tensor: ...
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits of each row, set the rest to -inf (ties at the k-th are kept)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"top_k must be an int >= 1, got {k!r}")
+    kth = logits.topk(min(k, logits.shape[-1]), dim=-1).values[..., -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability reaches p."""
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {p!r}")
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    before = probs.cumsum(-1) - probs  # mass of the strictly more likely tokens
+    drop_sorted = before >= p  # the most likely token always stays (before == 0 < p)
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL penalty on tokens already present (seen (B, V) bool): positive logits / penalty,
+    negative ones * penalty, so a seen token always becomes less likely. Returns a new tensor."""
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+@dataclass
+class _Rules:
+    """What every strategy applies to the next-token logits before picking."""
+
+    eos: int
+    pad: int
+    min_new: int = 0
+    penalty: float = 1.0
+
+    def __call__(self, logits: torch.Tensor, seen: torch.Tensor, step: int, log_probs: bool = False) -> torch.Tensor:
+        """With log_probs, the bans apply after log_softmax, so beam scores stay the model's own
+        log-probabilities (what continuation_logprob computes) instead of being renormalised."""
+        logits = logits.float()
+        if self.penalty != 1.0:
+            logits = apply_repetition_penalty(logits, seen, self.penalty)
+        if log_probs:
+            logits = logits.log_softmax(-1)
+        banned = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        banned[self.pad] = self.pad != self.eos  # pad is never generated (unless it doubles as eos)
+        banned[self.eos] = step < self.min_new
+        return logits.masked_fill(banned, float("-inf"))
+
+
+class _Rows:
+    """The sequences being decoded, one row per prompt (or per beam): mask, cache, tokens seen."""
+
+    def __init__(self, decoder, x: torch.Tensor, mask: torch.Tensor, seen: torch.Tensor, extra: dict,
+                 use_cache: bool) -> None:
+        self.decoder, self.x, self.mask, self.seen, self.extra = decoder, x, mask, seen, extra
+        self.cache = decoder.new_cache() if use_cache and hasattr(decoder, "new_cache") else None
+
+    def start(self) -> torch.Tensor:
+        """Run the prompt: logits of the first new token (B, V)."""
+        cache = {} if self.cache is None else {"cache": self.cache}
+        return self.decoder(inputs_embeds=self.x, attention_mask=self.mask, **cache, **self.extra)[:, -1]
+
+    def append(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token per row (B,); logits of the next one (B, V)."""
+        self.seen = self.seen.scatter(1, tokens[:, None], True)
+        self.mask = F.pad(self.mask, (0, 1), value=1)  # (B, S + 1)
+        if self.cache is not None:  # one new position; the cache holds the rest
+            return self.decoder(tokens[:, None], self.mask, cache=self.cache, **self.extra)[:, -1]
+        self.x = torch.cat([self.x, self.decoder.embed(tokens[:, None])], 1)  # (B, S + 1, D)
+        return self.decoder(inputs_embeds=self.x, attention_mask=self.mask, **self.extra)[:, -1]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (B,): the beams that continue."""
+        self.mask, self.seen = self.mask[index], self.seen[index]
+        if self.cache is None:
+            self.x = self.x[index]
+        else:
+            for layer in self.cache:
+                layer.reorder(index)
+
+
+def _prepare_prompt(decoder, input_ids, attention_mask, inputs_embeds):
+    """Prompt as embeddings (B, S, D) with its mask (B, S), left-aligned (real slots at the end,
+    S = the longest prompt), and its token ids (B, P + T) with -1 at pads and prefix slots."""
+    x = decoder.embed(input_ids, inputs_embeds)  # (B, S, D)
+    B, S = x.shape[:2]
+    P = 0 if inputs_embeds is None else inputs_embeds.shape[1]
+    mask = torch.ones(B, S, dtype=torch.long, device=x.device)
+    if attention_mask is not None:
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] not in (S, S - P):
+            raise ValueError(f"attention_mask must be (B={B}, {S - P}) or ({B}, {S}), got {tuple(attention_mask.shape)}")
+        mask[:, S - attention_mask.shape[1]:] = attention_mask.long()  # the prefix counts as real
+    longest = int(mask.sum(1).max())
+    if int(mask.sum(1).min()) == 0:
+        raise ValueError("every prompt needs at least one real token (start it with bos)")
+    order = mask.argsort(dim=1, stable=True)[:, S - longest:]  # (B, longest): pads first, real slots in order
+    x = x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))  # (B, longest, D)
+    ids = None
+    if input_ids is not None:
+        ids = torch.cat([input_ids.new_full((B, P), -1), input_ids], 1).masked_fill(mask == 0, -1)  # (B, S)
+    return x, mask.gather(1, order), ids
+
+
+def _alias(name: str, ours, theirs):
+    if ours is not None and theirs is not None and ours != theirs:
+        raise ValueError(f"{name}_id={ours} and {name}_token_id={theirs} disagree: pass one")
+    return theirs if ours is None else ours
+
+
+@torch.no_grad()
+def generate(decoder: Decoder, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+             *, max_new_tokens: int, min_new_tokens: int = 0, do_sample: bool = False, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, num_beams: int = 1, length_penalty: float = 1.0,
+             repetition_penalty: float = 1.0, eos_id: int | None = None, pad_id: int | None = None,
+             memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None,
+             inputs_embeds: torch.Tensor | None = None, generator: torch.Generator | None = None,
+             use_cache: bool = True, eos_token_id: int | None = None, pad_token_id: int | None = None
+             ) -> torch.Tensor:
+    """New tokens (B, T_new), T_new <= max_new_tokens; after a row's eos come pad_id tokens.
+
+    The prompt is the prefix `inputs_embeds` (B, P, D) then `input_ids` (B, T) (either may be
+    absent), with attention_mask (B, T) or (B, P + T), 0 = pad, on either side; each row decodes
+    as if alone. `memory` (B, S, Dm) / `memory_mask` (B, S) go to the decoder's cross-attention.
+    Greedy by default; do_sample=True samples from softmax(logits / temperature) after top_k /
+    top_p filtering (a seeded `generator` makes it repeatable); num_beams > 1 runs beam search,
+    ranking finished hypotheses by sum log p / n_new_tokens ** length_penalty. pad_id is never
+    generated; eos is suppressed for the first min_new_tokens steps. eos_id / pad_id default to
+    decoder.config's; transformers' names eos_token_id / pad_token_id are accepted too. Unlike
+    transformers, only the new tokens are returned. use_cache=False recomputes the whole sequence
+    every step (the reference the KV cache must match). Runs in eval mode and restores the mode.
+    Raises ValueError if the longest prompt + max_new_tokens exceeds config.context_length.
+    """
+    c = decoder.config
+    eos_id = _alias("eos", eos_id, eos_token_id)
+    pad_id = _alias("pad", pad_id, pad_token_id)
+    eos_id = getattr(c, "eos_id", None) if eos_id is None else eos_id
+    pad_id = getattr(c, "pad_id", None) if pad_id is None else pad_id
+    if eos_id is None or pad_id is None:
+        raise ValueError("generate needs eos_id and pad_id (pass them or set them in the decoder's config)")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if not 0 <= min_new_tokens <= max_new_tokens:
+        raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {temperature}")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0 (1.0 = off), got {repetition_penalty}")
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+        raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
+    if num_beams > 1 and do_sample:
+        raise ValueError("beam search here is deterministic: use num_beams=1 with do_sample=True")
+    if top_k is not None:
+        top_k_filter(torch.zeros(1, 1), top_k)  # the filters check their argument: fail before decoding
+    if top_p is not None:
+        top_p_filter(torch.zeros(1, 1), top_p)
+    if memory is None and memory_mask is not None:
+        raise ValueError("memory_mask given without memory")
+    x, mask, ids = _prepare_prompt(decoder, input_ids, attention_mask, inputs_embeds)
+    if x.shape[1] + max_new_tokens > c.context_length:
+        raise ValueError(f"prompt of {x.shape[1]} positions + max_new_tokens={max_new_tokens} exceeds the "
+                         f"context length {c.context_length}")
+    seen = torch.zeros(x.shape[0], c.vocab_size + 1, dtype=torch.bool, device=x.device)
+    if ids is not None:  # prompt tokens count as seen for the repetition penalty (pads go to column V)
+        seen.scatter_(1, ids.masked_fill(ids < 0, c.vocab_size), True)
+    seen = seen[:, :-1]  # (B, V)
+    extra = {} if memory is None else {"memory": memory, "memory_mask": memory_mask}
+    if num_beams > 1:  # every beam is a row of its own: repeat the prompt and the memory K times
+        x, mask, seen = (t.repeat_interleave(num_beams, 0) for t in (x, mask, seen))
+        extra = {k: None if v is None else v.repeat_interleave(num_beams, 0) for k, v in extra.items()}
+    rules = _Rules(eos=eos_id, pad=pad_id, min_new=min_new_tokens, penalty=repetition_penalty)
+    was_training = decoder.training
+    decoder.eval()
+    try:
+        rows = _Rows(decoder, x, mask, seen, extra, use_cache)
+        if num_beams > 1:
+            return _beam_search(rows, rules, num_beams, max_new_tokens, length_penalty)
+        return _sample(rows, rules, max_new_tokens, do_sample, temperature, top_k, top_p, generator)
+    finally:
+        decoder.train(was_training)
+
+
+def _sample(rows: _Rows, rules: _Rules, max_new: int, do_sample: bool, temperature: float, top_k, top_p,
+            generator) -> torch.Tensor:
+    """Greedy (argmax) or sampling, one token per row per step."""
+    logits = rows.start()  # (B, V)
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    out = []
+    for step in range(max_new):
+        logits = rules(logits, rows.seen, step)
+        if do_sample:
+            logits = logits / temperature
+            if top_k is not None:
+                logits = top_k_filter(logits, top_k)
+            if top_p is not None:
+                logits = top_p_filter(logits, top_p)
+            nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]  # (B,)
+        else:
+            nxt = logits.argmax(-1)  # (B,)
+        nxt = nxt.masked_fill(done, rules.pad)
+        out.append(nxt)
+        done |= nxt == rules.eos
+        if step == max_new - 1 or done.all():
+            break
+        logits = rows.append(nxt)
+    return torch.stack(out, 1)  # (B, T_new)
+
+
+def _beam_search(rows: _Rows, rules: _Rules, K: int, max_new: int, length_penalty: float) -> torch.Tensor:
+    """Beam search over rows = B prompts x K beams; per prompt, the best finished hypothesis."""
+    logits = rows.start()  # (B*K, V)
+    (BK, V), dev, inf = logits.shape, logits.device, float("-inf")
+    B = BK // K
+    scores = [[0.0] + [inf] * (K - 1) for _ in range(B)]  # all beams start equal: only the first expands
+    tokens = torch.empty(BK, 0, dtype=torch.long, device=dev)
+    finished = [[] for _ in range(B)]  # per prompt: (normalised score, tokens) ending in eos
+    done = [False] * B
+
+    norm = lambda score, n: score / n**length_penalty  # noqa: E731 (the ranking of Wu et al., simplified)
+    for step in range(max_new):
+        logp = rules(logits, rows.seen, step, log_probs=True)  # (B*K, V)
+        cand = (torch.tensor(scores, device=dev).reshape(BK, 1) + logp).reshape(B, K * V)
+        top, idx = cand.topk(2 * K, dim=1)  # 2K: even if K of them end in eos, K beams go on
+        src = [[b * K + k for k in range(K)] for b in range(B)]  # which row each new beam continues
+        new_tok = [[rules.pad] * K for _ in range(B)]
+        new_scores = [[inf] * K for _ in range(B)]
+        for b, (row_scores, row_idx) in enumerate(zip(top.tolist(), idx.tolist())):
+            if done[b]:
+                continue
+            j = 0
+            for s, i in zip(row_scores, row_idx):
+                if s == inf or j == K:
+                    break
+                beam, tok = divmod(i, V)
+                if tok == rules.eos:
+                    finished[b].append((norm(s, step + 1), tokens[b * K + beam].tolist() + [tok]))
+                else:
+                    new_scores[b][j], src[b][j], new_tok[b][j] = s, b * K + beam, tok
+                    j += 1
+            finished[b] = sorted(finished[b], key=lambda h: -h[0])[:K]
+            # Stop only when no running beam can still beat the K-th finished one: log-probs only
+            # fall, so the best a beam can reach is its sum now at the most favourable length.
+            length = max_new if length_penalty > 0 else step + 2
+            if j == 0 or (len(finished[b]) == K and finished[b][-1][0] >= norm(new_scores[b][0], length)):
+                done[b] = True
+        index = torch.tensor(src, device=dev).flatten()  # (B*K,)
+        new = torch.tensor(new_tok, device=dev).flatten()  # (B*K,)
+        tokens, scores = torch.cat([tokens[index], new[:, None]], 1), new_scores  # (B*K, step + 1)
+        if all(done) or step == max_new - 1:
+            break
+        rows.reorder(index)
+        logits = rows.append(new)
+    for b in range(B):  # beams still running at the end compete with the finished ones
+        if not done[b]:
+            finished[b] += [(norm(s, tokens.shape[1]), tokens[b * K + k].tolist())
+                            for k, s in enumerate(scores[b]) if s > inf]
+    best = [max(f, key=lambda h: h[0])[1] for f in finished]
+    out = torch.full((B, max(map(len, best))), rules.pad, dtype=torch.long, device=dev)
+    for b, seq in enumerate(best):
+        out[b, :len(seq)] = torch.tensor(seq, device=dev)
+    return out  # (B, T_new)
+
+
+@torch.no_grad()
+def continuation_logprob(decoder: Decoder, input_ids: torch.Tensor | None, new_tokens: torch.Tensor,
+                         attention_mask: torch.Tensor | None = None, *, eos_id: int | None = None,
+                         memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None,
+                         inputs_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of log p(new token | prompt, earlier new tokens) up to and including the first eos,
+    and the number of tokens counted: ((B,), (B,)). Scores what generate returned."""
+    eos_id = getattr(decoder.config, "eos_id", None) if eos_id is None else eos_id
+    if eos_id is None:
+        raise ValueError("continuation_logprob needs eos_id (pass it or set it in the decoder's config)")
+    x, mask, _ = _prepare_prompt(decoder, input_ids, attention_mask, inputs_embeds)
+    is_eos = (new_tokens == eos_id).long()
+    keep = (is_eos.cumsum(1) - is_eos) == 0  # (B, T_new): up to and including the first eos
+    x = torch.cat([x, decoder.embed(new_tokens)], 1)  # (B, S + T_new, D)
+    mask = torch.cat([mask, keep.long()], 1)
+    extra = {} if memory is None else {"memory": memory, "memory_mask": memory_mask}
+    logits = decoder(inputs_embeds=x, attention_mask=mask, **extra)
+    T = new_tokens.shape[1]
+    logp = logits[:, -T - 1:-1].float().log_softmax(-1).gather(-1, new_tokens[..., None])[..., 0]  # (B, T_new)
+    return (logp * keep).sum(1), keep.sum(1)
