@@ -22,7 +22,7 @@ import numpy as np
 from minivl import world_text as _text
 from minivl.world_text import QUESTION_TYPES, DetectionQuery, Question, Referring
 
-VERSION = "1.0.0"  # bump on ANY change that alters pixels or text (tests pin golden hashes)
+VERSION = "1.1.0"  # bump on ANY change that alters pixels or text (tests pin golden hashes)
 
 # Saturated colours, far apart in RGB; every one has a channel >= 150 while the dark background
 # stays <= 55, so a pixel's colour alone says whether it belongs to an object.
@@ -120,7 +120,7 @@ class Obj:
     box: tuple  # (x1, y1, x2, y2) ints, x1/y1 inclusive, x2/y2 exclusive; tight around the pixels
 
     @property
-    def center(self) -> tuple:  # box centre (x, y): what left/right/above/closest are measured on
+    def center(self) -> tuple:  # box centre (x, y): regions and (with the box) relations use it
         return ((self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2)
 
     @property
@@ -182,7 +182,10 @@ class World:
         self._answer_ids = {a: i for i, a in enumerate(self.answers)}
         px = {"small": cfg.small_px, "large": cfg.large_px}
         self.masks = {(s, z): shape_mask(s, px[z]) for s in cfg.shapes for z in SIZES}
-        self.margin = max(1, cfg.image_size // 32)  # relations closer than this are ambiguous: not asked
+        # spatial words need a clear margin (rules in minivl/world_text.py and data/README.md):
+        # `margin` px for closest/furthest, a centre `region_margin` px from any region border
+        self.margin = max(1, cfg.image_size // 32)
+        self.region_margin = cfg.image_size / 16
         self._backgrounds = None  # built on first use
 
     def __repr__(self) -> str:
@@ -206,9 +209,9 @@ class World:
         rng = random.Random((((cfg.seed << 2 | SPLITS[split]) << 48 | int(index)) << 8) | (n_objects or 0))
         u = rng.random  # only random() draws: its stream is guaranteed across Python versions
         n = n_objects or cfg.min_objects + int(u() * (cfg.max_objects - cfg.min_objects + 1))
-        pool = self.train_combos if split != "heldout" else self.combos
+        pool = self.train_combos
         combos = [pool[int(u() * len(pool))] for _ in range(n)]
-        if split == "heldout":  # at least one never-seen pair in every held-out scene
+        if split == "heldout":  # exactly one never-seen pair per held-out scene, among seen ones
             combos[int(u() * n)] = cfg.heldout[int(u() * len(cfg.heldout))]
         sizes = [SIZES[u() < 0.5] for _ in range(n)]
         masks = [self.masks[(s, z)] for (_, s), z in zip(combos, sizes)]

@@ -4,13 +4,15 @@ Captions with several phrasings (all kept as references, as COCO keeps five), qu
 spirit of Sort-of-CLEVR and CLEVR (Santoro et al. 2017; Johnson et al. 2017), referring
 expressions (RefCOCO), Grounding-DINO prompts ("circle . red square") and LLaVA conversations.
 
-The idea to take away: a question is only asked when the scene graph gives it exactly one
-answer. Every description must pick out one object, and spatial relations closer than
-`world.margin` pixels are never asked, so an answer is never a matter of opinion.
+The idea to take away: a statement is only made when the scene graph gives it exactly one
+answer *and* a person looking at the picture would agree. Every description picks out one
+object; a spatial word is used only with a clear margin (the rules below, `relations`, `region`
+and `clear_winners`, stated with their numbers in data/README.md), so no label is a matter of opinion.
 """
 from __future__ import annotations
 
 import random
+from operator import itemgetter
 from typing import NamedTuple
 
 QUESTION_TYPES = ("color", "shape", "count", "exists", "position", "relation", "closest", "furthest")
@@ -28,6 +30,12 @@ REGIONS = (("in the top left", "at the top", "in the top right"),
            ("in the bottom left", "at the bottom", "in the bottom right"))
 RELATIONS = (("left of", 0, -1), ("right of", 0, 1), ("above", 1, -1), ("below", 1, 1))
 EXTREMES = (("leftmost", 0, -1), ("rightmost", 0, 1), ("topmost", 1, -1), ("bottommost", 1, 1))
+# "a is left of b" needs the boxes apart on x AND |dx| >= DOMINANCE * |dy| (centres): apart alone
+# would call an object "right of" one it mostly sits above.
+DOMINANCE = 2.0
+# closest/furthest: the winner's centre AND edge distance must beat the runner-up's by this
+# factor plus world.margin px; a few pixels out of forty is not something a person can see.
+CLEAR = 1.25
 DESCRIBE = ("Describe the image.", "What do you see in this picture?",
             "Give a short description of the image.", "What is in this image?")
 
@@ -87,9 +95,9 @@ def pick(rng, seq):
 
 def pick_k(rng, seq, k: int) -> list:
     """k distinct items of seq in random order (all of them, shuffled, when k >= len(seq))."""
-    seq, n = list(seq), len(seq)
+    seq, n, draw = list(seq), len(seq), rng.random
     for i in range(min(k, n)):  # a partial Fisher-Yates shuffle: k draws, not n
-        j = i + int(rng.random() * (n - i))
+        j = i + int(draw() * (n - i))
         seq[i], seq[j] = seq[j], seq[i]
     return seq[:k]
 
@@ -115,6 +123,72 @@ def centers(scene) -> list:
     if "centers" not in scene.memo:
         scene.memo["centers"] = [o.center for o in scene.objects]
     return scene.memo["centers"]
+
+
+def relations(scene) -> tuple:
+    """(side, past, dist), from one pass over the pairs. past[k][b] = (objects whose box lies
+    wholly before b's on axis k, wholly after): x is left/right, y is above/below. side[k][a][b]
+    is -1/+1 when a is wholly before/after b on axis k AND the centre offset along k is
+    >= DOMINANCE times the offset across it: only then is "a is left of b" (or above...) said.
+    dist[a] = [(centre distance, edge distance, b) for every other b], for closest/furthest."""
+    if "relations" not in scene.memo:
+        boxes, cs, n = [o.box for o in scene.objects], centers(scene), len(scene.objects)
+        side = [[[0] * n for _ in range(n)] for _ in range(2)]
+        past = [[([], []) for _ in range(n)] for _ in range(2)]
+        dist = [[] for _ in range(n)]
+        for a in range(n):
+            (ax1, ay1, ax2, ay2), (acx, acy) = boxes[a], cs[a]
+            for b in range(n):
+                (bx1, by1, bx2, by2), (bcx, bcy) = boxes[b], cs[b]
+                dx, dy = abs(acx - bcx), abs(acy - bcy)
+                if ax2 <= bx1:  # a wholly left of b
+                    past[0][b][0].append(a)
+                    past[0][a][1].append(b)
+                    if dx >= DOMINANCE * dy:
+                        side[0][a][b], side[0][b][a] = -1, 1
+                if ay2 <= by1:  # a wholly above b
+                    past[1][b][0].append(a)
+                    past[1][a][1].append(b)
+                    if dy >= DOMINANCE * dx:
+                        side[1][a][b], side[1][b][a] = -1, 1
+                if n >= 3 and a != b:  # closest/furthest need three objects
+                    gx, gy = max(0, bx1 - ax2, ax1 - bx2), max(0, by1 - ay2, ay1 - by2)
+                    dist[a].append(((dx * dx + dy * dy) ** 0.5, (gx * gx + gy * gy) ** 0.5, b))
+        scene.memo["relations"] = side, past, dist
+    return scene.memo["relations"]
+
+
+def _third(v: float, S: int, m: float):
+    """Which third of [0, S) v lies in, when at least m from the lines between thirds; else None."""
+    k = min(2, int(3 * v / S))
+    return None if (k > 0 and v - k * S / 3 < m) or (k < 2 and (k + 1) * S / 3 - v < m) else k
+
+
+def region(world, c) -> str | None:
+    """The REGIONS word for centre c, or None. A centre must be >= world.region_margin px from a
+    third-line to count as in that third; near a column line only the row word is kept ("at the
+    top": the top third), near a row line only the column word ("on the left"), else no word."""
+    S, m = world.config.image_size, world.region_margin
+    col, row = _third(c[0], S, m), _third(c[1], S, m)
+    if row is None:
+        return REGIONS[1][col] if col in (0, 2) else None
+    if col is None:
+        return REGIONS[row][1] if row != 1 else None
+    return REGIONS[row][col]
+
+
+def clear_winners(dist: list, margin: float) -> tuple:
+    """(closest, furthest) among `dist` (one row of relations()'s dist), each an index or None
+    where there is no clear winner. A winner must win by centre distance AND by edge distance
+    (the gap between boxes: a big shape can be nearer by its edge than its centre says), and beat
+    the runner-up on each by a factor CLEAR plus `margin` px."""
+    by_centre = sorted(dist)
+    by_edge = sorted(dist, key=itemgetter(1))
+    (c0, _, j0), (c1, _, _), (_, e0, k0), (_, e1, _) = by_centre[0], by_centre[1], by_edge[0], by_edge[1]
+    near = j0 if j0 == k0 and c1 >= CLEAR * c0 + margin and e1 >= CLEAR * e0 + margin else None
+    (c0, _, j0), (c1, _, _), (_, e0, k0), (_, e1, _) = by_centre[-1], by_centre[-2], by_edge[-1], by_edge[-2]
+    far = j0 if j0 == k0 and c0 >= CLEAR * c1 + margin and e0 >= CLEAR * e1 + margin else None
+    return near, far
 
 
 def descriptions(scene) -> list:
@@ -161,25 +235,25 @@ def _present_absent(world, scene) -> tuple:
 
 @memo
 def captions(world, scene) -> list:
-    S = world.config.image_size
     objs = sorted(scene.objects, key=lambda o: o.center)  # left to right
     n = len(objs)
     groups = count(o.name for o in objs)  # insertion order: first seen from the left
     grouped = [article(name) if k == 1 else f"{NUMBERS[k]} {name.split()[0]} {PLURAL[name.split()[1]]}"
                for name, k in sorted(groups.items(), key=lambda kv: -kv[1])]
-    where = [article(o.name) + " " + REGIONS[min(2, int(3 * o.center[1] / S))][min(2, int(3 * o.center[0] / S))]
-             for o in objs]
     caps = [join_list([article(f"{o.size} {o.name}") for o in objs]),
             f"there {'is' if n == 1 else 'are'} {NUMBERS[n]} object{'s' * (n > 1)}: "
             + join_list([article(o.name) for o in objs]),
-            join_list(grouped), join_list(where)]
+            join_list(grouped)]
+    where = [region(world, o.center) for o in objs]
+    if None not in where:  # the positional phrasing only when every object has a clear region
+        caps.append(join_list([f"{article(o.name)} {r}" for o, r in zip(objs, where)]))
     return list(dict.fromkeys(caps))
 
 
 @memo
 def questions(world, scene) -> list:
-    rng, objs, m, cs = rng_for(scene, 1), scene.objects, world.margin, centers(scene)
-    half = world.config.image_size / 2
+    rng, objs, cs = rng_for(scene, 1), scene.objects, centers(scene)
+    half, rm = world.config.image_size / 2, world.region_margin
     descs = descriptions(scene)
     named = [(i, n) for i, d in enumerate(descs) if (n := _first(d, WITH_SHAPE)) is not None]
     # candidates per type as (template, words, answer); only the chosen ones get formatted
@@ -206,25 +280,23 @@ def questions(world, scene) -> list:
         exists.append(("is there {} {}?", (article(c), s), "yes" if (c, s) in pairs else "no"))
     for i, name in named:
         cx, cy = cs[i]
-        if abs(cx - half) >= m:
+        if abs(cx - half) >= rm:  # halves are regions too: the centre keeps the region margin
             qs["position"].append(("is the {} on the left or right of the image?", (name,), "left" if cx < half else "right"))
-        if abs(cy - half) >= m:
+        if abs(cy - half) >= rm:
             qs["position"].append(("is the {} at the top or bottom of the image?", (name,), "top" if cy < half else "bottom"))
-    for a, an in named:
+    (side_x, side_y), _, dist = relations(scene)
+    for a, an in named:  # asked only when the pair is clearly one way or the other: "no" is clear too
         for b, bn in named:
-            if a != b:
-                dx, dy = cs[a][0] - cs[b][0], cs[a][1] - cs[b][1]
-                if abs(dx) >= m:
-                    qs["relation"].append(("is the {} left of the {}?", (an, bn), "yes" if dx < 0 else "no"))
-                if abs(dy) >= m:
-                    qs["relation"].append(("is the {} above the {}?", (an, bn), "yes" if dy < 0 else "no"))
+            if sx := side_x[a][b]:
+                qs["relation"].append(("is the {} left of the {}?", (an, bn), "yes" if sx < 0 else "no"))
+            if sy := side_y[a][b]:
+                qs["relation"].append(("is the {} above the {}?", (an, bn), "yes" if sy < 0 else "no"))
     if len(objs) >= 3:  # with two objects, closest = furthest = the other one
         for a, an in named:
-            ax, ay = cs[a]
-            d = sorted((((x - ax) ** 2 + (y - ay) ** 2) ** 0.5, j) for j, (x, y) in enumerate(cs) if j != a)
-            for kind, word, (near, other) in (("closest", "closest to", d[:2]), ("furthest", "furthest from", d[:-3:-1])):
-                if abs(other[0] - near[0]) >= m:  # a clear winner, not a near tie
-                    o = objs[near[1]]
+            for kind, word, j in zip(("closest", "furthest"), ("closest to", "furthest from"),
+                                     clear_winners(dist[a], world.margin)):
+                if j is not None:
+                    o = objs[j]
                     qs[kind].append(("what color is the object {} the {}?", (word, an), o.color))
                     qs[kind].append(("what shape is the object {} the {}?", (word, an), o.shape))
     k = world.config.questions_per_type
@@ -236,30 +308,25 @@ def questions(world, scene) -> list:
 
 @memo
 def referring(world, scene) -> list:
-    objs, m, cs = scene.objects, world.margin, centers(scene)
-    descs = descriptions(scene)
+    objs, n, descs = scene.objects, len(scene.objects), descriptions(scene)
+    side, past, _ = relations(scene)
     out = [Referring("the " + text, o.box, i, "attribute")
            for i, (o, d) in enumerate(zip(objs, descs)) for text in d.values()]
     for b, d in enumerate(descs):
         if (name := _first(d, WITH_SHAPE)) is None:
             continue
-        for rel, axis, sign in RELATIONS:  # unique only if one object is clearly beyond and none is borderline
-            hits, borderline = [], False
-            for j, c in enumerate(cs):
-                if j != b:
-                    delta = sign * (c[axis] - cs[b][axis])
-                    if delta >= m:
-                        hits.append(j)
-                    elif delta > -m:
-                        borderline = True
-            if len(hits) == 1 and not borderline:
-                out.append(Referring(f"the object {rel} the {name}", objs[hits[0]].box, hits[0], "relation"))
-    if len(objs) >= 2:
-        for word, axis, sign in EXTREMES:
-            score = sorted((sign * c[axis], j) for j, c in enumerate(cs))
-            if score[-1][0] - score[-2][0] >= m:
-                j = score[-1][1]
-                out.append(Referring(f"the {word} object", objs[j].box, j, "extreme"))
+        for rel, axis, sign in RELATIONS:
+            # one object clearly beyond the anchor, and no other even wholly past its box on that
+            # axis (a far-off diagonal one would make a person hesitate between the two)
+            beyond = past[axis][b][sign > 0]
+            if len(beyond) == 1 and side[axis][beyond[0]][b] == sign:
+                out.append(Referring(f"the object {rel} the {name}", objs[beyond[0]].box, beyond[0], "relation"))
+    if n >= 2:
+        for word, axis, sign in EXTREMES:  # the extreme box lies wholly beyond every other box
+            for j in range(n):
+                if len(past[axis][j][sign < 0]) == n - 1:  # leftmost: all others wholly after it
+                    out.append(Referring(f"the {word} object", objs[j].box, j, "extreme"))
+                    break
     return out
 
 

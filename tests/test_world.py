@@ -11,12 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minivl.world import PALETTE, SHAPES, SPLITS, VERSION, World, WorldConfig, shape_mask
+from minivl.world import PALETTE, SHAPES, SPLITS, VERSION, Obj, Scene, World, WorldConfig, shape_mask
 
 REPO = Path(__file__).resolve().parent.parent
 SPLIT_NAMES = ("train", "val", "test", "heldout")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles",
            "diamond": "diamonds", "cross": "crosses"}
+# The rules for spatial words, restated from data/README.md (not imported: a loosened rule in the
+# generator must fail here). S is image_size.
+DOMINANCE = 2.0       # a relation: boxes apart on its axis and |offset along| >= 2 |offset across|
+CLEAR = 1.25          # closest/furthest: runner-up beaten by x1.25 + max(1, S // 32) px, centre AND edge
+REGION_MARGIN = 1 / 16  # of S (4 px at 64): a region word's centre keeps this far from region borders
+AXIS = {"left of": (0, -1), "right of": (0, 1), "above": (1, -1), "below": (1, 1),
+        "leftmost": (0, -1), "rightmost": (0, 1), "topmost": (1, -1), "bottommost": (1, 1)}
 
 # sha256 over pixels + all text of scenes 0..7 of each split (see _digest). A change of pixels or
 # text must bump world.VERSION and add its hashes here; old hashes stay as a record.
@@ -26,6 +33,14 @@ GOLDEN = {
         "val": "07dfedd24a11ae13a5780dec579c766fd8c998a334c7bccd3c7fa17b0954867f",
         "test": "153759e6bf3757822b1b618c6b998bda56bc0db297baa302fb34c5ffdc4778e6",
         "heldout": "77656827cfda5c8fe32e74baa301e02d6f6e96400908fe87a2f7c2577f28d1a7",
+    },
+    # 1.1.0: spatial words only with a clear margin (data/README.md); held-out scenes hold
+    # exactly one held-out object
+    "1.1.0": {
+        "train": "da0db72bdff46fb5c5108820ac3f550049c5018f034854a640ab5035e1976a8d",
+        "val": "728938e452b4310aab54cfffcd84cc8783586dc3bdbe1283fe9ce66f44c61b51",
+        "test": "05966c56bdb0e2da596bcf6fa9d58181e85f4dedae21c640aa7a1b8054af4b3c",
+        "heldout": "211c8ffde50e964b39f5124e12d8bcbea8a8bcc495ba4e680964b04f8e027cdb",
     },
 }
 
@@ -158,7 +173,7 @@ def test_heldout_pairs_never_in_train_val_test(world):
                 assert not pattern.search(text.lower()), (split, i, text)
     for i in range(60):
         sc = world.scene(i, "heldout")
-        assert any((o.color, o.shape) in held for o in sc.objects)
+        assert sum((o.color, o.shape) in held for o in sc.objects) == 1  # the others are training pairs
         assert any(pattern.search(t) for t in world.captions(sc))
 
 
@@ -190,6 +205,49 @@ def _centre(o):
     return (o.box[0] + o.box[2]) / 2, (o.box[1] + o.box[3]) / 2
 
 
+def _apart(a, b, k, sign):
+    """a's box lies wholly before (sign -1: left/above) or after (+1) b's box on axis k."""
+    return a.box[k + 2] <= b.box[k] if sign < 0 else a.box[k] >= b.box[k + 2]
+
+
+def _beyond(a, b, k, sign):
+    """'a is left of / right of / above / below b', by the stated rule."""
+    d = [p - q for p, q in zip(_centre(a), _centre(b))]
+    return _apart(a, b, k, sign) and abs(d[k]) >= DOMINANCE * abs(d[1 - k])
+
+
+def _gap(a, b):
+    dx = max(0, b.box[0] - a.box[2], a.box[0] - b.box[2])
+    dy = max(0, b.box[1] - a.box[3], a.box[1] - b.box[3])
+    return math.hypot(dx, dy)
+
+
+def _third(v, S):
+    """Which third of the image v falls in, >= REGION_MARGIN from the third-lines; else None."""
+    m = REGION_MARGIN * S
+    return 0 if v <= S / 3 - m else 1 if S / 3 + m <= v <= 2 * S / 3 - m else 2 if v >= 2 * S / 3 + m else None
+
+
+# region word -> (row, column) it claims; None: the word says nothing about that axis, and then the
+# object is not clearly in a corner (else the corner word is used)
+REGION_WORDS = {"in the top left": (0, 0), "at the top": (0, None), "in the top right": (0, 2),
+                "on the left": (None, 0), "in the center": (1, 1), "on the right": (None, 2),
+                "in the bottom left": (2, 0), "at the bottom": (2, None), "in the bottom right": (2, 2)}
+
+
+def _region_ok(o, word, S):
+    (row, col), got = REGION_WORDS[word], (_third(_centre(o)[1], S), _third(_centre(o)[0], S))
+    if row is not None and col is not None:
+        return got == (row, col)
+    if row is None:  # "on the left": clearly in the left column, row not clearly top or bottom
+        return got[1] == col and got[0] not in (0, 2)
+    return got[0] == row and got[1] not in (0, 2)
+
+
+def _has_region(o, S):
+    return any(_region_ok(o, w, S) for w in REGION_WORDS)
+
+
 def _derive(world, scene, q):
     """The answer to question text q, computed from the scene graph alone."""
     objs, S = scene.objects, world.config.image_size
@@ -213,63 +271,180 @@ def _derive(world, scene, q):
         return "yes" if _resolve(world, scene, m[1]) else "no"
     if m := re.fullmatch(r"is the (.+) on the left or right of the image\?", q):
         x = _centre(_the(world, scene, m[1]))[0]
-        assert x != S / 2
+        assert abs(x - S / 2) >= REGION_MARGIN * S, q
         return "left" if x < S / 2 else "right"
     if m := re.fullmatch(r"is the (.+) at the top or bottom of the image\?", q):
         y = _centre(_the(world, scene, m[1]))[1]
-        assert y != S / 2
+        assert abs(y - S / 2) >= REGION_MARGIN * S, q
         return "top" if y < S / 2 else "bottom"
     if m := re.fullmatch(r"is the (.+) (left of|above) the (.+)\?", q):
-        a, b = _centre(_the(world, scene, m[1])), _centre(_the(world, scene, m[3]))
-        k = 0 if m[2] == "left of" else 1
-        assert a[k] != b[k], q
-        return "yes" if a[k] < b[k] else "no"
+        a, b = _the(world, scene, m[1]), _the(world, scene, m[3])
+        k, _ = AXIS[m[2]]
+        yes, no = _beyond(a, b, k, -1), _beyond(a, b, k, 1)
+        assert yes or no, f"neither clearly one way nor the other: {q}"
+        return "yes" if yes else "no"
     raise AssertionError(f"question matches no known template: {q!r}")
 
 
 def _relational(world, scene, rel, anchor_desc):
-    a = _the(world, scene, anchor_desc)
+    a, m = _the(world, scene, anchor_desc), max(1, world.config.image_size // 32)
     others = [o for o in scene.objects if o is not a]
-    dist = [math.dist(_centre(a), _centre(o)) for o in others]
-    best = min(dist) if rel == "closest to" else max(dist)
-    winners = [o for o, d in zip(others, dist) if d == best]
-    assert len(winners) == 1 and sorted(dist).count(best) == 1, "no unique closest/furthest object"
+    assert len(others) >= 2
+    winners = []
+    for dist in (lambda o: math.dist(_centre(a), _centre(o)), lambda o: _gap(a, o)):
+        d = sorted(others, key=dist)
+        if rel == "closest to":
+            best, runner = d[0], d[1]
+            assert dist(runner) >= CLEAR * dist(best) + m, f"no clear closest to the {anchor_desc}"
+        else:
+            best, runner = d[-1], d[-2]
+            assert dist(best) >= CLEAR * dist(runner) + m, f"no clear furthest from the {anchor_desc}"
+        winners.append(best)
+    assert winners[0] is winners[1], "centre and edge distance disagree"
     return winners[0]
 
 
+def _check_questions(world, s):
+    qs = world.questions(s)
+    assert qs, "every scene gets questions"
+    for q in qs:
+        assert q.answer in world.answers
+        assert _derive(world, s, q.question) == q.answer, (s.index, s.split, q)
+    # unique answers: one question text never carries two answers
+    assert len({q.question for q in qs}) == len({(q.question, q.answer) for q in qs})
+    return {q.type for q in qs}
+
+
+def _check_referring(world, s):
+    for r in world.referring(s):
+        target = s.objects[r.index]
+        assert tuple(r.box) == tuple(target.box)
+        if m := re.fullmatch(r"the object (left of|right of|above|below) the (.+)", r.text):
+            a = _the(world, s, m[2])
+            k, sign = AXIS[m[1]]
+            assert _beyond(target, a, k, sign), r
+            # and no other object is even wholly past the anchor's box on that axis
+            assert [o for o in s.objects if _apart(o, a, k, sign)] == [target], r
+        elif m := re.fullmatch(r"the (leftmost|rightmost|topmost|bottommost) object", r.text):
+            k, sign = AXIS[m[1]]  # its box lies wholly beyond every other box
+            assert all(_apart(target, o, k, sign) for o in s.objects if o is not target), r
+        else:
+            assert r.text.startswith("the ") and _the(world, s, r.text[4:]) is target, r
+    return {r.type for r in world.referring(s)}
+
+
+REGION_RE = "|".join(REGION_WORDS)
+
+
+def _check_captions(world, s):
+    """Every region word is true by the margin rule, and the positional phrasing is there exactly
+    when every object has one (objects are listed left to right)."""
+    S, caps = world.config.image_size, world.captions(s)
+    placed = [c for c in caps if re.search(rf"\b(?:{REGION_RE})\b", c)]
+    assert len(placed) == all(_has_region(o, S) for o in s.objects), (s.index, caps)
+    for c in placed:
+        items = re.split(r", | and (?=an? )", c)
+        objs = sorted(s.objects, key=lambda o: o.center)
+        assert len(items) == len(objs), c
+        for item, o in zip(items, objs):
+            m = re.fullmatch(rf"an? (\w+) (\w+) ({REGION_RE})", item)
+            assert m and (m[1], m[2]) == (o.color, o.shape) and _region_ok(o, m[3], S), (item, o)
+    return bool(placed)
+
+
 def test_every_answer_rederived_from_the_scene_graph(world, scenes):
-    types = set()
-    for s in scenes:
-        qs = world.questions(s)
-        assert qs, "every scene gets questions"
-        for q in qs:
-            assert q.answer in world.answers
-            assert _derive(world, s, q.question) == q.answer, (s.index, s.split, q)
-            types.add(q.type)
-        # unique answers: one question text never carries two answers
-        assert len({q.question for q in qs}) == len({(q.question, q.answer) for q in qs})
+    types = set().union(*(_check_questions(world, s) for s in scenes))
     assert types == {"color", "shape", "count", "exists", "position", "relation", "closest", "furthest"}
 
 
 def test_referring_expressions_pick_out_their_box(world, scenes):
-    kinds = set()
-    for s in scenes:
-        for r in world.referring(s):
-            target = s.objects[r.index]
-            assert tuple(r.box) == tuple(target.box)
-            kinds.add(r.type)
-            if m := re.fullmatch(r"the object (left of|right of|above|below) the (.+)", r.text):
-                a = _centre(_the(world, s, m[2]))
-                k, sign = {"left of": (0, -1), "right of": (0, 1), "above": (1, -1), "below": (1, 1)}[m[1]]
-                beyond = [o for o in s.objects if sign * (_centre(o)[k] - a[k]) > 0]
-                assert beyond == [target], r
-            elif m := re.fullmatch(r"the (leftmost|rightmost|topmost|bottommost) object", r.text):
-                k, sign = {"leftmost": (0, -1), "rightmost": (0, 1), "topmost": (1, -1), "bottommost": (1, 1)}[m[1]]
-                vals = [sign * _centre(o)[k] for o in s.objects]
-                assert vals.count(max(vals)) == 1 and s.objects[vals.index(max(vals))] is target, r
-            else:
-                assert r.text.startswith("the ") and _the(world, s, r.text[4:]) is target, r
+    kinds = set().union(*(_check_referring(world, s) for s in scenes))
     assert kinds == {"attribute", "relation", "extreme"}
+
+
+@pytest.mark.parametrize("size", [32, 64, 224])
+def test_every_spatial_word_follows_the_stated_rule(size):
+    """Many random scenes, every size: each relation, region, closest/furthest, extreme and
+    positional caption is re-checked from the boxes against the rules of data/README.md."""
+    w = World(WorldConfig(image_size=size, max_objects=4 if size == 32 else 6))
+    for split in SPLIT_NAMES:
+        for i in range(150 if size < 224 else 40):
+            s = w.scene(i, split)
+            _check_questions(w, s)
+            _check_referring(w, s)
+            _check_captions(w, s)
+
+
+def _hand_scene(*boxes):
+    """A scene built by hand: a small circle, square, triangle... at the given boxes."""
+    objs = [Obj(shape, "orange", "small", box) for shape, box in zip(SHAPES, boxes)]
+    return Scene(np.zeros((64, 64, 3), np.uint8), objs, "train", 0, 0)
+
+
+def _relation_questions(world, s):
+    return {q.question: q.answer for q in world.questions(s) if q.type == "relation"}
+
+
+def test_relations_need_separation_and_dominance(world):
+    # square right of circle by 20 px, 2 px lower: clear
+    s = _hand_scene((10, 10, 21, 21), (30, 12, 41, 23))
+    assert _relation_questions(world, s) == {"is the circle left of the square?": "yes",
+                                             "is the square left of the circle?": "no"}
+    assert "the object right of the circle" in [r.text for r in world.referring(s)]
+    # apart on x by 15 px but 10 px higher: 15 < 2 * 10, so neither "right of" nor "above"
+    s = _hand_scene((10, 10, 21, 21), (25, 0, 36, 11))
+    assert _relation_questions(world, s) == {}
+    assert not any(r.type == "relation" for r in world.referring(s))
+    # 30 px below but boxes overlap on x: "below", never "left of"/"right of"
+    s = _hand_scene((10, 10, 21, 21), (18, 40, 29, 51))
+    assert _relation_questions(world, s) == {"is the circle above the square?": "yes",
+                                             "is the square above the circle?": "no"}
+    # a second object wholly right of the circle (though diagonal) makes "the object right of" unclear
+    s = _hand_scene((10, 25, 21, 36), (35, 27, 46, 38), (30, 0, 41, 11))
+    assert "the object right of the circle" not in [r.text for r in world.referring(s)]
+    assert "is the circle left of the square?" in _relation_questions(world, s)
+
+
+def test_regions_keep_a_margin_from_borders(world):
+    def where(box):
+        return [c for c in world.captions(_hand_scene(box)) if re.search(REGION_RE, c)]
+    assert where((4, 4, 15, 15)) == ["an orange circle in the top left"]
+    assert where((16, 4, 27, 15)) == ["an orange circle at the top"]  # centre 0.8 px from x = 64/3
+    assert where((16, 27, 27, 38)) == []  # centre near a column line, in the middle row: no word
+    assert where((27, 27, 38, 38)) == ["an orange circle in the center"]
+    qs = [q.question for q in world.questions(_hand_scene((27, 4, 38, 15)))]  # x centre 32.5
+    assert "is the circle on the left or right of the image?" not in qs
+    assert "is the circle at the top or bottom of the image?" in qs
+
+
+def test_closest_and_furthest_need_a_clear_winner(world):
+    def asked(*boxes):
+        return {q.question: q.answer for q in world.questions(_hand_scene(*boxes))
+                if q.type in ("closest", "furthest") and q.question.endswith("the circle?")}
+    # square 4 px away, triangle 30 px away: a clear winner both ways
+    got = asked((10, 10, 21, 21), (25, 10, 36, 21), (10, 51, 21, 62))
+    assert got["what shape is the object closest to the circle?"] == "square"
+    assert got["what shape is the object furthest from the circle?"] == "triangle"
+    # centres 17.5 vs 17.0 px (a tie to the eye), edges 2 vs 6 px: no closest question
+    got = asked((30, 30, 41, 41), (43, 30, 62, 49), (30, 47, 41, 58))
+    assert not any("closest" in q for q in got)
+
+
+def test_every_task_keeps_producing_items(world):
+    """The rules drop ambiguous items; every split and task must still get items at a sane rate."""
+    for split in SPLIT_NAMES:
+        scenes = [world.scene(i, split) for i in range(300)]
+        busy = [s for s in scenes if len(s.objects) >= 3]
+        rate = {t: np.mean([any(q.type == t for q in world.questions(s)) for s in scenes])
+                for t in ("color", "shape", "position", "relation")}
+        rate |= {t: np.mean([any(q.type == t for q in world.questions(s)) for s in busy])
+                 for t in ("closest", "furthest")}
+        rate |= {t: np.mean([any(r.type == t for r in world.referring(s)) for s in scenes])
+                 for t in ("relation", "extreme")}
+        rate["captions with positions"] = np.mean([_check_captions(world, s) for s in scenes])
+        low = {t: r for t, r in rate.items() if r < (0.9 if t in ("color", "shape", "position") else 0.35)}
+        assert not low, (split, low)
+        assert all(len(world.detection(s)) == 3 and len(world.conversation(s)) >= 6 for s in scenes)
 
 
 def test_detection_queries_list_every_matching_box(world, scenes):
