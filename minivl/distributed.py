@@ -4,8 +4,9 @@ What it builds: `split_batch(batch, n)` (n contiguous row chunks of a nested bat
 `micro_batches(...)` (this process's micro-batches of a step's batch, with their loss weights),
 `to_device`, `setup()` (the process group from torchrun's environment), `wrap()`
 (DistributedDataParallel around a model's `loss`), and the few collectives the trainer needs: a
-sum of logged numbers, a gather of RNG states, a barrier. `minivl.train.Trainer` uses all of it;
-a single process never touches torch.distributed.
+sum of logged numbers, a gather of RNG states, a barrier; plus `world_size()` and
+`all_gather_rows()` (with gradients) for a loss that needs other processes' rows (CLIP's).
+`minivl.train.Trainer` uses it; a single process never touches torch.distributed.
 
 Follows Li et al., "PyTorch Distributed: Experiences on Accelerating Data Parallel Training"
 (VLDB 2020): every process holds a full replica; during backward the gradients are averaged with
@@ -18,13 +19,18 @@ The one idea: parallelism changes where rows are computed, never what a step mea
 cuts get_batch(step)'s batch into world_size contiguous shares (rank r keeps the r-th), each share
 into accumulation_steps micro-batches, and weights each micro-batch's loss by its fraction of the
 rows. For a loss that is a mean over samples, one update is then the update a single process
-computes on the whole batch. (A contrastive loss is not such a mean: its negatives are the rows it
-sees, so under accumulation or DDP CLIP contrasts each micro-batch against itself only.)
+computes on the whole batch. A contrastive loss is not such a mean: its negatives are the rows it
+sees. So under DDP CLIP gathers every process's features (`all_gather_rows`, gradients included, as
+open_clip does) and contrasts each row against the whole global batch: the update is again one
+process's on the whole batch. Accumulation is different: each micro-batch is its own, smaller,
+contrastive batch (see `CLIP.split_batch`).
 """
 from __future__ import annotations
 
 import atexit
+import inspect
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +48,9 @@ def split_batch(batch, n: int) -> list:
     B items (captions, per-image box tensors) is cut into sub-lists, while a list whose items are
     all B-row tensors is a tuple of fields (what DataLoader's default collate makes); numbers,
     strings, None and 0-d tensors are shared by every chunk. A model whose batch does not fit these
-    rules (say a (B, B) pairwise mask) defines `split_batch(self, batch, n)` and the trainer uses it.
+    rules (say a (B, B) pairwise mask) defines `split_batch(self, batch, n)` and the trainer uses it,
+    for micro-batches and process shares alike; if it takes a keyword `ranks`, the shares are cut
+    with ranks=True, so it can keep what a cross-process loss needs (`minivl.clip.CLIP.split_batch`).
     """
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
@@ -99,14 +107,16 @@ def micro_batches(batch, ctx: Context, n: int, device: torch.device, split=None,
                   rows: int | None = None) -> tuple[list, int | None]:
     """This process's part of a step's batch: ([(micro-batch on `device`, its fraction of the whole
     batch's rows)] * n, the whole batch's rows). With `rows` given, `batch` is already this rank's
-    share of a batch that long (what a StepSampler loads under DDP). `split` defaults to split_batch."""
+    share of a batch that long (what a StepSampler loads under DDP). `split` (default split_batch)
+    cuts the shares too, with ranks=True if it takes that keyword, and each share into micro-batches."""
     if n == 1 and ctx.world_size == 1:
         return [(to_device(batch, device), 1.0)], batch_rows(batch)
     split = split or split_batch
     if rows is None:
         rows = batch_rows(batch)
         if ctx.world_size > 1:
-            batch = split(batch, ctx.world_size)[ctx.rank]  # on the host: only this rank's rows travel
+            by_rank = {"ranks": True} if "ranks" in inspect.signature(split).parameters else {}
+            batch = split(batch, ctx.world_size, **by_rank)[ctx.rank]  # on the host: only this rank's rows travel
     chunks = split(to_device(batch, device), n)
     sizes = [batch_rows(c) or 0 for c in chunks]
     if not rows or len(chunks) != n or min(sizes) == 0:
@@ -184,6 +194,29 @@ def wrap(model: nn.Module, device: torch.device) -> nn.parallel.DistributedDataP
         _LossForward(model), device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def world_size() -> int:
+    """How many processes train together: torch.distributed's world size once a group is up, else 1."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_gather_rows(t: torch.Tensor, grad: bool = False) -> torch.Tensor:
+    """Every process's `t` (b, ...) concatenated in rank order -> (world_size * b, ...); every rank
+    must pass the same shape. With grad=True gradients flow back (torch.distributed.nn's all_gather:
+    its backward sums, over ranks, the gradient each rank found for this rank's rows), which is what a
+    loss over the gathered rows needs; grad=False is a plain collective (masks, indices)."""
+    if grad:
+        from torch.distributed.nn.functional import all_gather
+        with warnings.catch_warnings():  # torch 2.13 marks it deprecated; its successor is still private
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.cat(all_gather(t), dim=0)
+    flag = t.dtype == torch.bool  # gloo has no bool collectives
+    src = t.to(torch.uint8) if flag else t.contiguous()
+    out = [torch.empty_like(src) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, src)
+    out = torch.cat(out, dim=0)
+    return out.bool() if flag else out
+
+
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """Element-wise sum of a list of numbers over all processes (float64, one collective)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -204,4 +237,4 @@ def barrier(device: torch.device) -> None:
 
 
 __all__ = ["split_batch", "share", "batch_rows", "to_device", "micro_batches", "Context", "setup", "wrap",
-           "all_reduce_sum", "gather_objects", "barrier"]
+           "world_size", "all_gather_rows", "all_reduce_sum", "gather_objects", "barrier"]

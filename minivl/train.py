@@ -1,13 +1,12 @@
 """One training loop for every model in minivl.
 
-What it builds: `Trainer(model, batches, TrainConfig(...)).fit() -> History` - AdamW (Loshchilov &
-Hutter, "Decoupled Weight Decay Regularization", 2019) with no decay on norms, biases and
-embeddings, in parameter groups by module name that may have their own learning rate or be frozen
-(LLaVA trains its projector alone, then with the LM; a fresh head learns faster than a pretrained
-tower); linear warmup (Goyal et al., "Accurate, Large Minibatch SGD", 2017) then cosine decay
-(Loshchilov & Hutter, "SGDR", 2017); gradient clipping; gradient accumulation; bf16 autocast;
-DistributedDataParallel under torchrun (Li et al., "PyTorch Distributed", VLDB 2020; see
-`minivl.distributed`); periodic evaluation; checkpoints with exact resume; and `progress_bar`.
+What it builds: `TrainConfig`, `Trainer(model, batches, config).fit() -> History`, `StepSampler`
+(a DataLoader batch sampler with exact resume) and the RNG-state helpers. The loop runs AdamW in
+parameter groups by module name, some with their own lr or frozen, on a warmup + cosine schedule
+(`minivl.optim`: Loshchilov & Hutter 2019, Goyal et al. 2017, SGDR 2017); gradient clipping;
+gradient accumulation; bf16 autocast; DistributedDataParallel under torchrun (`minivl.distributed`:
+Li et al., "PyTorch Distributed", VLDB 2020); periodic evaluation; checkpoints with exact resume;
+progress lines (`minivl.progress`). This module re-exports what those two define.
 
 The one idea: the loop knows nothing about the model. Anything with `loss(batch) -> (loss, logs)`
 trains. The whole training state is weights + optimizer moments + step + RNG state; save all of it
@@ -20,23 +19,21 @@ Conventions:
   samples are pure functions of their index) or an iterable such as a DataLoader. For a DataLoader,
   pass `batch_sampler=StepSampler(len(dataset), batch_size, seed)`: the trainer tells it which step
   to start from. Other iterables are fast-forwarded on resume (exact only if they are deterministic).
-- One update is get_batch(step)'s whole batch, however it is computed. Under torchrun with W
-  processes, rank r keeps the r-th of W contiguous row shares (a StepSampler DataLoader loads only
-  that share); with accumulation_steps=A each share is cut into A micro-batches
-  (`minivl.distributed.split_batch`, or the model's own `split_batch(batch, n)`). Each micro-batch's
-  loss is weighted by its fraction of the rows, so for losses that are means over samples the update
-  equals one process on the whole batch, within float rounding. The batch stream, hence resume,
-  does not depend on W or A.
+- One update is get_batch(step)'s whole batch, however it is computed: under torchrun each of W
+  processes keeps a contiguous row share (a StepSampler DataLoader loads only its own), cut into
+  accumulation_steps micro-batches whose losses are weighted by their fraction of the rows, so for a
+  loss that is a mean over samples the update is one process's on the whole batch (details, and a
+  model's own `split_batch`: `minivl.distributed`; CLIP's loss is no such mean: `CLIP.split_batch`).
+  The batch stream, hence resume, does not depend on W or the accumulation.
 - The host waits for the device once per log window (and at evals and checkpoints), not every
   step: losses and logs stay tensors until then. A non-finite loss or gradient norm is found there,
   named by its step, before the window's last update and before any checkpoint is written (with
   log_every=1 the weights are still those from before the bad step).
 - A model may define `after_step(self)` (CLIP clamps its temperature there); `Trainer(after_step=fn)`
   adds fn(model, step). Both run after every update, `step` counting it.
-- Under DDP rank 0 alone prints, shows progress and writes files; every rank runs eval_fn (same
-  weights, same numbers, and no rank idles in a collective that could time out); logged numbers
-  are means over all ranks' rows. Rank r seeds its training RNG (dropout) with seed + 1_000_003 r,
-  so ranks draw different masks, as the rows of one batch would.
+- Under DDP rank 0 alone prints, shows progress and writes files; every rank runs eval_fn (no rank
+  idles in a collective that could time out); logged numbers are means over all ranks' rows. Rank r
+  seeds its RNG (dropout) with seed + 1_000_003 r: ranks draw different masks, as rows of one batch.
 - Ctrl-C (KeyboardInterrupt) writes `out_dir/checkpoint` at the interrupted step, then re-raises
   so scripts stop; `trainer.history` still holds the run so far. `fit(resume_from=...)` goes on.
 """
@@ -47,10 +44,8 @@ import json
 import math
 import numbers
 import random
-import sys
 import time
 import warnings
-import weakref
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Callable
@@ -66,6 +61,8 @@ from minivl import distributed
 from minivl.checkpoint import WEIGHTS, atomic_dir, load_state, load_state_dict_checked, save_state, \
     write_json, write_model_files
 from minivl.distributed import share, split_batch, to_device
+from minivl.optim import apply_freeze, check_group_options, check_prefixes, lr_at, make_optimizer, param_groups
+from minivl.progress import LineProgress, progress_bar
 
 
 @dataclass
@@ -102,105 +99,7 @@ class TrainConfig:
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip!r}")
         self.betas = tuple(self.betas)
-        if not isinstance(self.lr_scale, dict) or not all(isinstance(k, str) and k for k in self.lr_scale):
-            raise TypeError(f"lr_scale must be a dict of parameter-name prefix -> number, e.g. {{'head': 10.0}}, "
-                            f"got {self.lr_scale!r}")
-        for k, v in self.lr_scale.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v >= 0):
-                raise ValueError(f"lr_scale[{k!r}] must be a finite number >= 0, got {v!r}")
-        self.lr_scale = {k: float(v) for k, v in self.lr_scale.items()}
-        if not isinstance(self.freeze, (tuple, list)) or not all(isinstance(p, str) and p for p in self.freeze):
-            raise TypeError(f"freeze must be a tuple of parameter-name prefixes, e.g. ('visual',), got {self.freeze!r}")
-        self.freeze = tuple(self.freeze)
-        if set(self.freeze) & set(self.lr_scale):
-            raise ValueError(f"{sorted(set(self.freeze) & set(self.lr_scale))} both frozen and given an lr_scale")
-
-
-def lr_at(step: int, config: TrainConfig) -> float:
-    """Learning rate for update `step`: linear warmup, then cosine down to min_lr_ratio * lr."""
-    if step < config.warmup_steps:  # large early updates from random init can diverge (Goyal et al.)
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - 1 - config.warmup_steps))
-    floor = config.min_lr_ratio
-    return config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-# ---------------------------------------------------------------- which parameters train, and how fast
-def _names(model: nn.Module) -> dict[int, tuple[nn.Parameter, list[str]]]:
-    """id -> (parameter, every name it has): a tied weight answers to both of its names."""
-    out: dict[int, tuple[nn.Parameter, list[str]]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        out.setdefault(id(p), (p, []))[1].append(name)
-    return out
-
-
-def _owner(names: list[str], prefixes) -> str | None:
-    """The longest prefix that names a module (or parameter) holding one of `names`."""
-    hits = [p for p in prefixes for n in names if n == p or n.startswith(p + ".")]
-    return max(hits, key=len) if hits else None
-
-
-def check_prefixes(model: nn.Module, prefixes, what: str) -> None:
-    """ValueError for a prefix that matches no parameter: a typo would silently train everything."""
-    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
-    for p in prefixes:
-        if _owner(names, [p]) is None:
-            top = list(dict.fromkeys(n.split(".")[0] for n in names))
-            raise ValueError(f"{what} prefix {p!r} matches no parameter of {type(model).__name__}; "
-                             f"names start with one of {top} (as in model.named_parameters())")
-
-
-_FROZEN_BY_TRAINER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> names a Trainer froze
-
-
-def apply_freeze(model: nn.Module, freeze=(), lr_scale=()) -> list[str]:
-    """Set requires_grad=False on the parameters under a `freeze` prefix (unless a longer `lr_scale`
-    prefix claims them); returns their names. What an earlier Trainer froze and this one does not
-    trains again (LLaVA's stage 2 unfreezes the LM on the same model); what you froze by hand stays."""
-    check_prefixes(model, freeze, "freeze")
-    before, frozen = _FROZEN_BY_TRAINER.get(model, set()), []
-    for p, names in _names(model).values():
-        if _owner(names, (*freeze, *lr_scale)) in freeze:
-            p.requires_grad_(False)
-            frozen.append(names[0])
-        elif names[0] in before:
-            p.requires_grad_(True)
-    _FROZEN_BY_TRAINER[model] = set(frozen)
-    return frozen
-
-
-def param_groups(model: nn.Module, weight_decay: float, lr_scale: dict[str, float] | None = None) -> list[dict]:
-    """Trainable parameters in AdamW groups. Decay only Linear/Conv weights: norm gains, biases and
-    embeddings get none (shrinking a gain or an offset toward 0 regularises nothing useful, and rare
-    tokens' embeddings would decay away between the steps that see them; an embedding tied to an
-    output Linear counts as an embedding). Each `lr_scale` prefix gets its own pair of groups,
-    "<prefix>/decay" and "<prefix>/no_decay", whose lr the trainer sets to scheduled lr * scale."""
-    lr_scale = dict(lr_scale or {})
-    check_prefixes(model, lr_scale, "lr_scale")
-    matrices = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    decay = {id(m.weight) for m in model.modules() if isinstance(m, matrices)}
-    decay -= {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    groups = {}  # a fixed order (default groups, then lr_scale's), so optimizer state loads back in place
-    for prefix in (None, *lr_scale):
-        for kind, wd in (("decay", weight_decay), ("no_decay", 0.0)):
-            name = kind if prefix is None else f"{prefix}/{kind}"
-            groups[prefix, kind] = {"name": name, "params": [], "weight_decay": wd,
-                                    "lr_scale": 1.0 if prefix is None else lr_scale[prefix]}
-    for p, names in _names(model).values():
-        if p.requires_grad:
-            groups[_owner(names, lr_scale), "decay" if id(p) in decay else "no_decay"]["params"].append(p)
-    return [g for g in groups.values() if g["params"]]
-
-
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW, fused (one kernel for all parameters) where torch has it for this device, else foreach."""
-    groups = param_groups(model, config.weight_decay, config.lr_scale)
-    if not groups:
-        raise ValueError(f"{type(model).__name__} has no trainable parameter (all frozen: freeze={config.freeze})")
-    try:
-        return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, foreach=True)
+        self.lr_scale, self.freeze = check_group_options(self.lr_scale, self.freeze)
 
 
 class StepSampler:
@@ -245,72 +144,6 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
-
-
-# ---------------------------------------------------------------- progress
-def _isatty(stream) -> bool:
-    with contextlib.suppress(Exception):  # closed or odd streams: treat as a file
-        return bool(stream.isatty())
-    return False
-
-
-class LineProgress:
-    """tqdm's interface (update, set_postfix, write, close), printed as one plain line every `every`
-    of the total or every `seconds`, whichever comes first, and at the end."""
-
-    def __init__(self, total: int, initial: int = 0, desc: str = "", file=None, every: float = 0.05,
-                 seconds: float = 60.0):
-        if not 0 < every <= 1 or seconds < 0 or total < 0:
-            raise ValueError(f"need total >= 0, 0 < every <= 1, seconds >= 0; got {total}, {every}, {seconds}")
-        self.total, self.n, self.initial, self.desc, self.file = total, initial, initial, desc, file or sys.stdout
-        self.every, self.seconds, self.postfix = every, seconds, {}
-        self._start = self._last = time.perf_counter()
-        self._mark, self._printed = self._marks(initial), initial
-
-    def _marks(self, n: int) -> int:  # how many `every` fractions of the total n has passed
-        return int(n / self.total / self.every + 1e-9) if self.total else 0
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        if self._marks(self.n) > self._mark or time.perf_counter() - self._last >= self.seconds:
-            self._line()
-
-    def set_postfix(self, ordered_dict=None, refresh: bool = True, **kwargs) -> None:
-        self.postfix = {**(ordered_dict or {}), **kwargs}
-
-    def write(self, s: str) -> None:
-        print(s, file=self.file, flush=True)
-
-    def _line(self) -> None:
-        now = time.perf_counter()
-        rate = (self.n - self.initial) / max(1e-9, now - self._start)
-        parts = [f"{self.desc}: " if self.desc else "", f"{self.n}/{self.total}",
-                 f" ({100 * self.n / self.total:.0f}%)" if self.total else "",
-                 "".join(f" | {k} {v}" for k, v in self.postfix.items()),
-                 f" | {rate:.3g} it/s | {tqdm.format_interval(now - self._start)}"]
-        self.write("".join(parts))
-        self._last, self._mark, self._printed = now, self._marks(self.n), self.n
-
-    def close(self) -> None:
-        if self.n != self._printed:
-            self._line()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def progress_bar(total: int, initial: int = 0, desc: str = "", disable: bool = False, file=None,
-                 every: float = 0.05, seconds: float = 60.0):
-    """A progress display for loops: tqdm when it draws on a terminal; otherwise (a log file, CI, a
-    Jupyter kernel - ipykernel's streams are no tty) a `LineProgress`, which writes a plain line every
-    5% or minute to `file` (default stdout, with the trainer's other messages) instead of one redraw
-    per step, so a saved notebook keeps ~20 lines rather than hundreds of progress chunks."""
-    if disable or _isatty(file if file is not None else sys.stderr):  # tqdm draws on stderr
-        return tqdm(total=total, initial=initial, desc=desc, disable=disable, file=file, dynamic_ncols=True)
-    return LineProgress(total, initial, desc, file, every, seconds)
 
 
 @dataclass

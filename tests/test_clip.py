@@ -302,3 +302,55 @@ def test_fresh_preset_model_reads_clip_tokenize_output():
         masked = model.encode_text({"input_ids": ids, "attention_mask": (ids != world_tokenizer().pad_id).long()})
     assert logits_per_image.shape == (1, 2) and logits_per_text.shape == (2, 1)
     torch.testing.assert_close(model.encode_text(ids), masked)
+
+
+# ---------------------------------------------------------------------------- batches cut for accumulation / DDP
+def pair_batch(B=5, seed=0):
+    """B image-text pairs whose positives mask has off-diagonal entries (repeated captions)."""
+    ids, mask = token_batch([12, 5, 8, 3, 9, 4, 7, 6][:B], seed=seed)
+    positives = torch.eye(B, dtype=torch.bool)
+    positives[0, 2] = positives[2, 0] = positives[1, B - 1] = True  # one pair inside chunk 0, one across chunks
+    return {"image": torch.randn(B, 3, 32, 32, generator=torch.Generator().manual_seed(seed)), "input_ids": ids,
+            "attention_mask": mask, "positives": positives}
+
+
+def test_split_batch_takes_the_square_block_of_positives():
+    batch = pair_batch(5)
+    first, second = tiny_model().split_batch(batch, 2)  # rows 0..2 and 3..4, as torch.tensor_split
+    assert torch.equal(first["image"], batch["image"][:3]) and torch.equal(second["input_ids"], batch["input_ids"][3:])
+    assert torch.equal(first["positives"], batch["positives"][:3, :3]) and first["positives"][0, 2]
+    assert torch.equal(second["positives"], torch.eye(2, dtype=torch.bool))  # the (1, 4) pair spans both: gone
+    assert "global_rows" not in first  # micro-batches need no more
+    # DDP shares (ranks=True) also keep their rows of the whole mask and their places in the batch
+    shares = tiny_model().split_batch(pair_batch(4), 2, ranks=True)
+    assert [s["global_rows"].tolist() for s in shares] == [[0, 1], [2, 3]]
+    assert torch.equal(shares[0]["global_positives"], pair_batch(4)["positives"][:2])  # (b, B) = (2, 4)
+    micro = tiny_model().split_batch(shares[1], 2)  # a share cut again: the global fields follow their rows
+    assert [m["global_rows"].tolist() for m in micro] == [[2], [3]]
+    assert micro[0]["global_positives"].tolist() == [[True, False, True, False]]  # row 2 pairs with row 0, on rank 0
+    with pytest.raises(ValueError, match="5 rows cannot make 2"):
+        tiny_model().split_batch(batch, 2, ranks=True)  # all_gather needs equal shares
+    with pytest.raises(ValueError, match=r"positives must be \(5, 5\)"):
+        tiny_model().split_batch({**batch, "positives": batch["positives"][:4]}, 2)
+    with pytest.raises(TypeError, match="dict batch"):
+        tiny_model().split_batch([batch["image"]], 2)
+    with pytest.raises(ValueError, match="n must be an int >= 1"):
+        tiny_model().split_batch(batch, 0, ranks=True)
+
+
+def test_accumulation_with_positives_trains_each_micro_batch_as_its_own_contrastive_batch():
+    from minivl.train import TrainConfig, Trainer
+    batch = pair_batch(5)
+    config = TrainConfig(steps=1, warmup_steps=0, grad_clip=None, log_every=1, progress=False, accumulation_steps=2)
+    trainer = Trainer(tiny_model(), lambda step: batch, config, device="cpu")
+    history = trainer.fit()
+    # by hand: the row-weighted sum of the two chunks' losses, each with its square block of positives
+    ref = tiny_model()
+    chunks = ref.split_batch(batch, 2)
+    loss = sum(ref.loss(c)[0] * (c["image"].shape[0] / 5) for c in chunks)
+    loss.backward()
+    assert history.train[0]["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    whole = ref.loss(batch)[0].item()
+    assert history.train[0]["loss"] != pytest.approx(whole, rel=1e-3)  # fewer negatives: a different loss
+    for (name, p), q in zip(trainer.model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)  # the update's gradient

@@ -160,5 +160,122 @@ def test_two_processes_train_to_the_weights_of_one_on_the_whole_batch(tmp_path):
     assert proc.stdout.count(f"step {STEPS}: n 1") == 2  # rank 0's eval line, once per scenario
 
 
+# ---------------------------------------------------------------------------- CLIP: negatives from every rank
+CLIP_STEPS = 3
+ORDER = [0, 1, 4, 5, 2, 3, 6, 7]  # 2 ranks x 2 micro-batches: micro-batch i gathers both ranks' i-th slices
+CLIP_SCENARIOS = {"clip": 1, "clip_accum": 2}  # name -> accumulation_steps
+
+
+def clip_batches():
+    """8 Shapes World pairs a step, with extra positives across the two ranks' shares and inside one."""
+    from minivl.data import world_tokenizer
+    from minivl.recipes.clip import make_batches
+    from minivl.world import World
+    base = make_batches(World(image_size=32), world_tokenizer(), 8, 0.5, 40, 0, True, CLIP_STEPS)
+
+    def get_batch(step):
+        batch = base(step)
+        pos = batch["positives"].clone()
+        pos[1, 6] = pos[6, 1] = pos[0, 5] = pos[5, 0] = pos[2, 3] = True
+        return {**batch, "positives": pos}
+    return get_batch
+
+
+def build_clip():
+    from minivl.clip import CLIP, CLIPConfig
+    torch.manual_seed(0)
+    return CLIP(CLIPConfig.preset("tiny"))
+
+
+def clip_config(**kw):
+    return TrainConfig(**{**dict(steps=CLIP_STEPS, lr=1e-3, warmup_steps=1, log_every=1, progress=False, seed=3),
+                          **kw})
+
+
+def clip_rows(items, positives=False):
+    """DataLoader collate for (image, ids, mask) rows; with `positives`, the (b, b) mask of the rows it holds."""
+    batch = {k: torch.stack([r[i] for r in items]) for i, k in enumerate(("image", "input_ids", "attention_mask"))}
+    return {**batch, "positives": torch.eye(len(items), dtype=torch.bool)} if positives else batch
+
+
+CLIP_DATA = None
+
+
+def clip_loader(positives=False):
+    """A StepSampler DataLoader over 8 pairs, 8 a step: under DDP each rank loads its 4 only."""
+    global CLIP_DATA
+    if CLIP_DATA is None:
+        rows = clip_batches()(0)
+        CLIP_DATA = TensorDataset(rows["image"], rows["input_ids"], rows["attention_mask"])
+    return DataLoader(CLIP_DATA, batch_sampler=StepSampler(8, 8, seed=1),
+                      collate_fn=lambda items: clip_rows(items, positives))
+
+
+def clip_worker(out: Path) -> None:
+    rank = int(os.environ["RANK"])
+    torch.set_num_threads(1)
+    results, histories = {}, {}
+    for name, accumulation in CLIP_SCENARIOS.items():
+        trainer = Trainer(build_clip(), clip_batches(), clip_config(accumulation_steps=accumulation), device="cpu")
+        histories[name] = [r["loss"] for r in trainer.fit().train]
+        results.update({f"{name}.{k}": v for k, v in trainer.model.state_dict().items()})
+    # shares a StepSampler loads: gathered (after checking they are equal) without positives ...
+    trainer = Trainer(build_clip(), clip_loader(), clip_config(), device="cpu")
+    histories["loaded"] = [r["loss"] for r in trainer.fit().train]
+    results.update({f"loaded.{k}": v for k, v in trainer.model.state_dict().items()})
+    try:  # ... but such a share cannot know the other ranks' positives: a clear error on every rank
+        Trainer(build_clip(), clip_loader(positives=True), clip_config(steps=1), device="cpu").fit()
+        histories["error"] = None
+    except ValueError as err:
+        histories["error"] = str(err)
+    save_file({k: v.contiguous() for k, v in results.items()}, str(out / f"rank{rank}.safetensors"))
+    (out / f"rank{rank}.json").write_text(json.dumps(histories))
+
+
+def test_clip_micro_batches_of_a_ddp_share_keep_their_global_rows():
+    from minivl.distributed import Context, micro_batches
+    model, batch = build_clip(), clip_batches()(0)
+    chunks, rows = micro_batches(batch, Context(rank=1, world_size=2), 2, torch.device("cpu"), model.split_batch)
+    assert rows == 8 and [w for _, w in chunks] == [0.25, 0.25]
+    assert [c["global_rows"].tolist() for c, _ in chunks] == [[4, 5], [6, 7]]  # the share was cut with ranks=True
+    assert torch.equal(chunks[1][0]["global_positives"], batch["positives"][6:])  # (2, 8): rows of the whole mask
+    assert torch.equal(chunks[0][0]["positives"], batch["positives"][4:6, 4:6])  # (2, 2): the square block
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo")
+def test_clip_on_two_processes_contrasts_the_global_batch_and_equals_one_process(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           __file__, str(tmp_path), "clip"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    get_batch = clip_batches()
+
+    def reordered(step):  # one process whose micro-batch i holds the rows DDP gathers for micro-batch i
+        batch = get_batch(step)
+        return {**{k: batch[k][ORDER] for k in ("image", "input_ids", "attention_mask")},
+                "positives": batch["positives"][ORDER][:, ORDER]}
+
+    initial = build_clip().state_dict()
+    clip_loader()  # the pairs a StepSampler draws from
+    sampler = StepSampler(8, 8, seed=1)
+    whole = lambda step: clip_rows([CLIP_DATA[i] for i in sampler.indices(step)])  # noqa: E731
+    for name, accumulation in [*CLIP_SCENARIOS.items(), ("loaded", 1)]:
+        # accumulation_steps=1: one process on the whole batch, as given; 2: one process with 2 micro-batches
+        # on the batch reordered so that its micro-batches are the ones DDP gathers (see CLIP.split_batch);
+        # loaded: one process on the 8 rows the sampler draws, loaded whole
+        data = whole if name == "loaded" else reordered if accumulation > 1 else get_batch
+        trainer = Trainer(build_clip(), data, clip_config(accumulation_steps=accumulation), device="cpu")
+        losses = [r["loss"] for r in trainer.fit().train]
+        for k, v in trainer.model.state_dict().items():
+            torch.testing.assert_close(ranks[0][f"{name}.{k}"], v, rtol=1e-5, atol=1e-5, msg=f"{name}.{k}")
+        assert not torch.equal(ranks[0][f"{name}.visual_projection.weight"], initial["visual_projection.weight"])
+        assert json.loads((tmp_path / "rank1.json").read_text())[name] == pytest.approx(losses, rel=1e-5)
+    errors = [json.loads((tmp_path / f"rank{r}.json").read_text())["error"] for r in (0, 1)]
+    assert all(e and "whole batch's positives mask" in e for e in errors), errors
+
+
 if __name__ == "__main__":
-    worker(Path(sys.argv[1]))
+    (clip_worker if sys.argv[2:] == ["clip"] else worker)(Path(sys.argv[1]))

@@ -13,6 +13,7 @@ Python per layer, mask building, kernels picked - which is what a small model on
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import torch
@@ -47,9 +48,12 @@ def build_pair(config: CLIPConfig, eos_id: int, pad_id: int, device: torch.devic
 
 
 def train_steps(ours, hf, x: dict, precision: str, device: torch.device) -> dict:
-    """One no-argument training-step callable per model."""
+    """One no-argument training-step callable per model: loss, backward, AdamW, then the logit-scale
+    clamp after the update, as OpenAI's and open_clip's training loops do (minivl: `after_step`;
+    `transformers` has no training loop, so we clamp its scale the same way), so both do the same work."""
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
+    log_max = math.log(ours.config.logit_scale_max)  # open_clip: clamp_(0, math.log(100))
     opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in (("minivl", ours), ("transformers", hf))}
 
     def step_ours():
@@ -58,6 +62,7 @@ def train_steps(ours, hf, x: dict, precision: str, device: torch.device) -> dict
         opts["minivl"].zero_grad(set_to_none=True)
         loss.backward()
         opts["minivl"].step()
+        ours.after_step()
         return loss
 
     def step_hf():
@@ -67,6 +72,8 @@ def train_steps(ours, hf, x: dict, precision: str, device: torch.device) -> dict
         opts["transformers"].zero_grad(set_to_none=True)
         loss.backward()
         opts["transformers"].step()
+        with torch.no_grad():
+            hf.logit_scale.clamp_(0.0, log_max)
         return loss
 
     return {"minivl": step_ours, "transformers": step_hf}

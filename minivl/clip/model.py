@@ -282,7 +282,9 @@ class CLIP(Checkpointable, nn.Module):
         if not isinstance(batch, dict):
             raise TypeError(f"CLIP.split_batch needs a dict batch, got {type(batch).__name__}")
         rows = distributed.batch_rows(batch)
-        if ranks and rows is not None and rows % n:
+        if rows is None or not isinstance(n, int) or n < 1:
+            return distributed.split_batch(batch, n)  # raises its ValueError for either
+        if ranks and rows % n:
             raise ValueError(f"under DDP CLIP gathers every process's features, so the shares must be equal: "
                              f"a batch of {rows} rows cannot make {n} of them; use a multiple of {n}")
         positives = batch.get("positives")
