@@ -230,8 +230,8 @@ class Trainer:
                 try:
                     entry = self._train_step(get_batch(self.step))
                     entry["seconds"] = time.perf_counter() - tic
+                    self._log(bar)  # first: a plain progress line printed by update() shows this step's record
                     bar.update()
-                    self._log(bar)
                     if cfg.eval_every and self.step % cfg.eval_every == 0:
                         self._evaluate()
                     if self.out_dir is not None and cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
