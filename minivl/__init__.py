@@ -24,7 +24,10 @@ __version__ = "0.1.0"
 def device(name: str | None = None) -> torch.device:
     """The best available device: cuda > mps > cpu (or `name` when given, checked)."""
     if name is not None:
-        dev = torch.device(name)
+        try:
+            dev = torch.device(name)
+        except (RuntimeError, TypeError):  # torch's message for "nonsense" names no choices
+            raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {name!r}") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {name!r} requested but CUDA is not available")
         if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):

@@ -7,7 +7,7 @@ heavy modules are imported only once a command is chosen, so `--help` answers at
 
     python -m minivl data bench            scenes/s of Shapes World (render + all text)
     python -m minivl data preview --out F  a grid of samples with captions and boxes
-    python -m minivl train clip [--preset cpu|tiny|gpu] [--steps N] [--out DIR]
+    python -m minivl train clip [--preset cpu|tiny|gpu] [--steps N] [--out DIR] [--resume|--force]
     python -m minivl bench {vit,clip,metrics,data}
 """
 from __future__ import annotations
@@ -46,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--out", default=None, help="run folder (default data/runs/<model>-<preset>)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU too")
+    again = train.add_mutually_exclusive_group()  # an interrupted run is never overwritten silently
+    again.add_argument("--resume", action="store_true",
+                       help="continue from the training checkpoint in the run folder (with --steps N: train longer)")
+    again.add_argument("--force", action="store_true",
+                       help="start afresh even over an interrupted or longer run in the run folder")
 
     bench = sub.add_parser("bench", help="measure speed against a reference in the same run")
     bench.add_argument("what", choices=modules("bench"))
@@ -53,6 +58,30 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--steps", type=int, default=None)
 
     args = parser.parse_args(argv)
+    # Bad input (a negative --steps, a device this machine lacks, a missing file) is the user's
+    # to fix: one line and exit status 2, like argparse's own errors. Anything else is a bug in
+    # minivl and keeps its traceback.
+    try:
+        return _dispatch(parser, args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+def _check_device(name) -> None:
+    """torch.device("nonsense") raises RuntimeError; for the CLI it is bad input, so ValueError."""
+    if name is None:
+        return
+    import torch
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device must be cpu, cuda, cuda:N or mps, got {name!r}") from None
+
+
+def _dispatch(parser, args) -> int:
+    _check_device(getattr(args, "device", None))
     if args.command == "data":
         from minivl.bench import data as data_cli
         return data_cli.main(args)

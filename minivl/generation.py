@@ -23,6 +23,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from minivl import validate
+
 
 class Decoder(Protocol):
     """What `generate` needs from a model (`minivl.lm.CausalLM` has it; other families wrap one).
@@ -48,18 +50,23 @@ class Decoder(Protocol):
     def __call__(self, input_ids=None, attention_mask=None, **kwargs) -> torch.Tensor: ...
 
 
+def _check_logits(logits) -> torch.Tensor:
+    # -inf is a legitimate logit here (an earlier filter's), NaN is not: no finite check
+    return validate.tensor("logits", logits, kind="float")
+
+
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k largest logits of each row, set the rest to -inf (ties at the k-th are kept)."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"top_k must be an int >= 1, got {k!r}")
+    k = validate.positive_int("top_k", k)
+    logits = _check_logits(logits)
     kth = logits.topk(min(k, logits.shape[-1]), dim=-1).values[..., -1:]  # (B, 1)
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus filter: keep the smallest set of most likely tokens whose probability reaches p."""
-    if not 0.0 < p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {p!r}")
+    p = validate.real("top_p", p, 0.0, 1.0, low_open=True)
+    logits = _check_logits(logits)
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     probs = sorted_logits.softmax(-1)
     before = probs.cumsum(-1) - probs  # mass of the strictly more likely tokens
@@ -133,13 +140,19 @@ class _Rows:
 def _prepare_prompt(decoder, input_ids, attention_mask, inputs_embeds):
     """Prompt as embeddings (B, S, D) with its mask (B, S), left-aligned (real slots at the end,
     S = the longest prompt), and its token ids (B, P + T) with -1 at pads and prefix slots."""
+    if input_ids is not None:  # converted here (numpy, uint8: -1 marks pads below), checked by embed
+        input_ids = validate.tensor("input_ids", input_ids)
+        if input_ids.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32):
+            input_ids = input_ids.long()
     x = decoder.embed(input_ids, inputs_embeds)  # (B, S, D)
     B, S = x.shape[:2]
     P = 0 if inputs_embeds is None else inputs_embeds.shape[1]
     mask = torch.ones(B, S, dtype=torch.long, device=x.device)
     if attention_mask is not None:
+        attention_mask = validate.tensor("attention_mask", attention_mask)
         if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] not in (S, S - P):
             raise ValueError(f"attention_mask must be (B={B}, {S - P}) or ({B}, {S}), got {tuple(attention_mask.shape)}")
+        attention_mask = validate.attention_mask("attention_mask", attention_mask, tuple(attention_mask.shape))  # 0/1
         mask[:, S - attention_mask.shape[1]:] = attention_mask.long()  # the prefix counts as real
     longest = int(mask.sum(1).max())
     if int(mask.sum(1).min()) == 0:
@@ -188,24 +201,36 @@ def generate(decoder: Decoder, input_ids: torch.Tensor | None = None, attention_
     pad_id = getattr(c, "pad_id", None) if pad_id is None else pad_id
     if eos_id is None or pad_id is None:
         raise ValueError("generate needs eos_id and pad_id (pass them or set them in the decoder's config)")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    if not 0 <= min_new_tokens <= max_new_tokens:
+    eos_id = validate.vocab_id("eos_id", eos_id, c.vocab_size, optional=False)
+    pad_id = validate.vocab_id("pad_id", pad_id, c.vocab_size, optional=False)
+    # Every argument is checked whatever the mode: a top_p=1.5 or temperature=nan that greedy
+    # decoding happens to ignore today is still a bug in the caller's code.
+    max_new_tokens = validate.positive_int("max_new_tokens", max_new_tokens)
+    min_new_tokens = validate.positive_int("min_new_tokens", min_new_tokens, minimum=0)
+    if min_new_tokens > max_new_tokens:
         raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {temperature}")
-    if repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0 (1.0 = off), got {repetition_penalty}")
-    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
-        raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
+    do_sample, use_cache = validate.boolean("do_sample", do_sample), validate.boolean("use_cache", use_cache)
+    temperature = validate.real("temperature (use do_sample=False for greedy)", temperature, 0.0, low_open=True)
+    repetition_penalty = validate.real("repetition_penalty (1.0 = off)", repetition_penalty, 0.0, low_open=True)
+    length_penalty = validate.real("length_penalty", length_penalty)
+    num_beams = validate.positive_int("num_beams", num_beams)
+    distinct = c.vocab_size ** min(max_new_tokens, 8)  # more beams than sequences cannot all differ
+    if num_beams > distinct:  # and each beam is a row in memory: a typo like 10**9 would exhaust it
+        raise ValueError(f"num_beams must be <= {distinct} (vocab_size ** max_new_tokens, the distinct "
+                         f"continuations), got {num_beams}")
     if num_beams > 1 and do_sample:
         raise ValueError("beam search here is deterministic: use num_beams=1 with do_sample=True")
     if top_k is not None:
-        top_k_filter(torch.zeros(1, 1), top_k)  # the filters check their argument: fail before decoding
+        top_k = validate.positive_int("top_k", top_k)
     if top_p is not None:
-        top_p_filter(torch.zeros(1, 1), top_p)
+        top_p = validate.real("top_p", top_p, 0.0, 1.0, low_open=True)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if memory is None and memory_mask is not None:
         raise ValueError("memory_mask given without memory")
+    if memory is not None:  # the decoder checks it against its config; converted here to be repeated for beams
+        memory = validate.tensor("memory", memory, dims=3, kind="float")
+        memory_mask = None if memory_mask is None else validate.tensor("memory_mask", memory_mask, dims=2)
     x, mask, ids = _prepare_prompt(decoder, input_ids, attention_mask, inputs_embeds)
     if x.shape[1] + max_new_tokens > c.context_length:
         raise ValueError(f"prompt of {x.shape[1]} positions + max_new_tokens={max_new_tokens} exceeds the "
@@ -321,7 +346,16 @@ def continuation_logprob(decoder: Decoder, input_ids: torch.Tensor | None, new_t
     eos_id = getattr(decoder.config, "eos_id", None) if eos_id is None else eos_id
     if eos_id is None:
         raise ValueError("continuation_logprob needs eos_id (pass it or set it in the decoder's config)")
+    eos_id = validate.vocab_id("eos_id", eos_id, decoder.config.vocab_size, optional=False)
+    new_tokens = validate.token_ids("new_tokens", new_tokens, decoder.config.vocab_size)
+    if memory is None and memory_mask is not None:
+        raise ValueError("memory_mask given without memory")
     x, mask, _ = _prepare_prompt(decoder, input_ids, attention_mask, inputs_embeds)
+    if new_tokens.shape[0] != x.shape[0]:
+        raise ValueError(f"new_tokens has batch {new_tokens.shape[0]}, the prompt {x.shape[0]}")
+    if x.shape[1] + new_tokens.shape[1] > decoder.config.context_length:
+        raise ValueError(f"prompt of {x.shape[1]} positions + {new_tokens.shape[1]} new tokens exceeds the "
+                         f"context length {decoder.config.context_length}")
     is_eos = (new_tokens == eos_id).long()
     keep = (is_eos.cumsum(1) - is_eos) == 0  # (B, T_new): up to and including the first eos
     x = torch.cat([x, decoder.embed(new_tokens)], 1)  # (B, S + T_new, D)

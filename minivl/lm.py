@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minivl import generation
+from minivl import generation, validate
 from minivl.checkpoint import Checkpointable
 from minivl.generation import apply_repetition_penalty, top_k_filter, top_p_filter  # noqa: F401 (re-exported)
 from minivl.text import check_tokens
@@ -60,6 +60,17 @@ class LMConfig:
     pad_id: int | None = None  # defaults for generate(); None = must be passed to generate
     bos_id: int | None = None  # (informative: generate never adds bos, the prompt carries it)
     eos_id: int | None = None
+
+    def __post_init__(self) -> None:  # a bad field fails here, not as a shape error in the first forward
+        validate.config_fields(self, ints=dict(vocab_size=1, context_length=1, width=1, depth=0, heads=1),
+                               reals=dict(mlp_ratio=(0, None, True), norm_eps=(0, None, True),
+                                          dropout=(0, 1, False, True)), strings=("activation",))
+        for f in ("cross_attention", "tie_embeddings"):
+            validate.boolean(f"LMConfig.{f}", getattr(self, f))
+        if self.memory_dim is not None:
+            validate.positive_int("LMConfig.memory_dim", self.memory_dim)
+        for f in ("pad_id", "bos_id", "eos_id"):  # an id past the vocabulary would fail deep in generate
+            validate.vocab_id(f"LMConfig.{f}", getattr(self, f), self.vocab_size)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "LMConfig":
@@ -104,11 +115,11 @@ class CausalLM(Checkpointable, nn.Module):
         """Prefix embeddings followed by token embeddings (no positions yet): (B, P+T, D)."""
         parts = []
         if inputs_embeds is not None:
-            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.width:
-                raise ValueError(f"inputs_embeds must be (B, P, {self.config.width}), got {tuple(inputs_embeds.shape)}")
-            parts.append(inputs_embeds)
+            inputs_embeds = validate.tensor("inputs_embeds", inputs_embeds, shape=("B", "P", self.config.width),
+                                            kind="float", finite=True)
+            parts.append(inputs_embeds.to(self.token_embedding.weight.dtype))
         if input_ids is not None:
-            check_tokens(input_ids, self.config.vocab_size, self.config.context_length)  # values: on CPU only
+            input_ids, _ = check_tokens(input_ids, self.config.vocab_size, self.config.context_length)  # values: CPU only
             if parts and parts[0].shape[0] != input_ids.shape[0]:
                 raise ValueError(f"inputs_embeds has batch {parts[0].shape[0]}, input_ids {input_ids.shape[0]}")
             parts.append(self.token_embedding(input_ids))  # (B, T, D)
@@ -131,6 +142,7 @@ class CausalLM(Checkpointable, nn.Module):
         B, N = x.shape[:2]
         past = len(cache[0].self_attn) if cache else 0
         if attention_mask is not None:
+            attention_mask = validate.tensor("attention_mask", attention_mask)
             if attention_mask.dim() != 2 or attention_mask.shape[0] != B:
                 raise ValueError(f"attention_mask must be (B={B}, S), got {tuple(attention_mask.shape)}")
             P = 0 if inputs_embeds is None else inputs_embeds.shape[1]
@@ -139,6 +151,10 @@ class CausalLM(Checkpointable, nn.Module):
             if attention_mask.shape[1] != past + N:
                 raise ValueError(f"attention_mask must cover {past} cached + {N} new positions, "
                                  f"got {attention_mask.shape[1]}")
+            # 0/1 only: a 2 would count a slot twice in positions_from_mask's cumsum
+            attention_mask = validate.attention_mask("attention_mask", attention_mask, (B, past + N))
+        if memory is not None or memory_mask is not None:
+            memory, memory_mask = self._check_memory(memory, memory_mask, B)
         L = self.config.context_length
         if position_ids is None:  # positions never exceed the slot index, so the shapes are the check
             if past + N > L:
@@ -148,6 +164,7 @@ class CausalLM(Checkpointable, nn.Module):
             else:
                 position_ids = torch.arange(past, past + N, device=x.device).expand(B, N)  # (B, N)
         else:
+            position_ids = validate.tensor("position_ids", position_ids, kind="int").long()  # uint8 indexes as a mask
             if position_ids.shape != (B, N):
                 raise ValueError(f"position_ids must be ({B}, {N}), got {tuple(position_ids.shape)}")
             if position_ids.device.type == "cpu" and (position_ids.min() < 0 or position_ids.max() >= L):
@@ -164,14 +181,41 @@ class CausalLM(Checkpointable, nn.Module):
         batch: input_ids (B, T), attention_mask (B, T); optional labels (B, T) aligned with
         input_ids (-100 = no loss there, e.g. the prompt), memory / memory_mask for cross-attention.
         """
-        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        if not isinstance(batch, dict) or "input_ids" not in batch:
+            raise TypeError(f"CausalLM.loss needs a dict with 'input_ids', got "
+                            f"{sorted(batch) if isinstance(batch, dict) else type(batch).__name__}")
+        ids, mask = check_tokens(batch["input_ids"], self.config.vocab_size, self.config.context_length,
+                                 batch.get("attention_mask"))
+        if ids.shape[1] < 2:
+            raise ValueError(f"CausalLM.loss needs sequences of >= 2 tokens (one to read, one to predict), "
+                             f"got input_ids {tuple(ids.shape)}")
         logits = self(ids, mask, memory=batch.get("memory"), memory_mask=batch.get("memory_mask"))
-        targets = batch.get("labels", ids)[:, 1:]  # (B, T-1): token t+1 is predicted at t
+        labels = batch.get("labels", ids)
+        if labels is not ids:
+            labels = validate.tensor("batch['labels']", labels, shape=tuple(ids.shape), kind="int").long()
+            V = self.config.vocab_size
+            if validate.on_cpu(labels) and ((labels != -100) & ((labels < 0) | (labels >= V))).any():
+                raise ValueError(f"batch['labels'] must be token ids in [0, {V}) or -100 (no loss), got "
+                                 f"[{int(labels.min())}, {int(labels.max())}]")
+        targets = labels[:, 1:]  # (B, T-1): token t+1 is predicted at t
         if mask is not None:
             targets = targets.masked_fill(mask[:, 1:] == 0, -100)
+        if validate.on_cpu(targets) and not (targets != -100).any():  # the mean of nothing is NaN
+            raise ValueError("CausalLM.loss: no target token to score (every label is -100 or padding)")
         logits = logits[:, :-1].flatten(0, 1).float()  # (B*(T-1), V)
         loss = F.cross_entropy(logits, targets.flatten(), ignore_index=-100)
         return loss, {"ppl": loss.detach().exp()}  # a tensor: .item() would sync the device every step
+
+    def _check_memory(self, memory, memory_mask, B: int):
+        if memory is None:
+            raise ValueError("memory_mask given without memory")
+        if not self.config.cross_attention:
+            raise ValueError("memory given, but this LM has no cross-attention (LMConfig.cross_attention=False)")
+        dim = self.config.memory_dim or self.config.width
+        memory = validate.tensor("memory", memory, shape=(B, None, dim), kind="float")
+        if memory_mask is not None:
+            memory_mask = validate.attention_mask("memory_mask", memory_mask, tuple(memory.shape[:2]))
+        return memory.to(self.token_embedding.weight.dtype), memory_mask
 
     # ------------------------------------------------------------------ generation
     # The engine's functions as methods, as transformers users expect (`lm.generate(ids, ...)`):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from minivl import validate
 from minivl.checkpoint import Checkpointable
 from minivl.transformer import Transformer, init_weights
 
@@ -38,6 +39,11 @@ class TextConfig:
     norm_eps: float = 1e-5  # LayerNorm epsilon
     dropout: float = 0.0  # attention/MLP dropout
 
+    def __post_init__(self) -> None:  # a bad field fails here, not as a shape error in the first forward
+        validate.config_fields(self, ints=dict(vocab_size=1, context_length=1, width=1, depth=0, heads=1),
+                               reals=dict(mlp_ratio=(0, None, True), norm_eps=(0, None, True), dropout=(0, 1, False, True)),
+                               strings=("activation",))
+
     @classmethod
     def preset(cls, name: str, **overrides) -> "TextConfig":
         if name not in PRESETS:
@@ -53,33 +59,22 @@ class TextOutput:
     attentions: list[torch.Tensor] | None = field(default=None)
 
 
-def check_tokens(input_ids: torch.Tensor, vocab_size: int, context_length: int,
-                 attention_mask: torch.Tensor | None = None, right_padded: bool = False) -> None:
-    """Raise a clear error unless input_ids is a (B, T) integer tensor that fits the model.
+def check_tokens(input_ids, vocab_size: int, context_length: int, attention_mask=None,
+                 right_padded: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """-> (input_ids, attention_mask) as tensors, or a clear error: input_ids a (B, T) integer tensor
+    (B, T >= 1; numpy arrays are converted) that fits the model, the mask exactly its shape, 0/1.
 
-    Shapes and dtypes are checked always: that is free. Values - ids in [0, vocab_size) and, with
-    right_padded, a mask like 1 1 1 0 0 with a real token in every row - are checked only when the
-    tensors are on the CPU, which is where data enters (the tokenizer, `collate`) and where every
-    CPU run computes. On an accelerator, reading a value back is a host sync that would stall
+    Shapes and dtypes are checked always: that is free. Values - ids in [0, vocab_size), a 0/1 mask
+    and, with right_padded, a mask like 1 1 1 0 0 with a real token in every row - are checked only
+    when the tensors are on the CPU, which is where data enters (the tokenizer, `collate`) and where
+    every CPU run computes. On an accelerator, reading a value back is a host sync that would stall
     every forward pass; batches there were already checked on their way in.
     """
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be a (B, T) tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
-    if input_ids.is_floating_point():
-        raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
-    if input_ids.shape[1] > context_length:
-        raise ValueError(f"text of {input_ids.shape[1]} tokens exceeds the context length {context_length}")
-    if attention_mask is not None and attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
-    if input_ids.device.type != "cpu":
-        return
-    if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
-        raise ValueError(f"token ids must lie in [0, {vocab_size}), got [{input_ids.min()}, {input_ids.max()}]")
-    if right_padded and attention_mask is not None:
-        if (attention_mask[:, 1:] > attention_mask[:, :-1]).any():
-            raise ValueError("texts must be right-padded (attention_mask like 1 1 1 0 0)")
-        if input_ids.numel() and not attention_mask[:, 0].all():
-            raise ValueError("every text needs at least one real token (a row of attention_mask is all zeros)")
+    input_ids = validate.token_ids("input_ids", input_ids, vocab_size, context_length)
+    if attention_mask is not None:
+        attention_mask = validate.attention_mask("attention_mask", attention_mask, tuple(input_ids.shape),
+                                                 right_padded=right_padded)
+    return input_ids, attention_mask
 
 
 def last_token_index(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
@@ -109,12 +104,18 @@ class TextEncoder(Checkpointable, nn.Module):
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Checked token ids (B, T) -> token + position embeddings (B, T, D)."""
-        check_tokens(input_ids, self.config.vocab_size, self.config.context_length, attention_mask, right_padded=True)
+        input_ids, attention_mask = check_tokens(input_ids, self.config.vocab_size, self.config.context_length,
+                                                 attention_mask, right_padded=True)
+        return self._embed(input_ids)
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:  # ids already checked
         return self.token_embedding(input_ids) + self.pos_embed[:input_ids.shape[1]]  # (B, T, D)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 need_weights: bool = False, output_hidden_states: bool = False) -> TextOutput:
-        x = self.embed(input_ids, attention_mask)  # (B, T, D)
+        input_ids, attention_mask = check_tokens(input_ids, self.config.vocab_size, self.config.context_length,
+                                                 attention_mask, right_padded=True)
+        x = self._embed(input_ids)  # (B, T, D)
         out = self.transformer(x, attention_mask=attention_mask, causal=True, need_weights=need_weights,
                                output_hidden_states=output_hidden_states)
         tokens = self.ln_final(out.last_hidden_state)  # (B, T, D)

@@ -33,7 +33,6 @@ import heapq
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -48,6 +47,11 @@ _CACHE_LIMIT = 200_000  # pre-tokens cached per tokenizer before the cache is cl
 def _check_text(text, name="text") -> None:
     if not isinstance(text, str):
         raise TypeError(f"{name} must be a str, got {type(text).__name__}")
+
+
+def _check_flag(name: str, v) -> None:
+    if not isinstance(v, bool):  # a "False" string is truthy: it would silently mean True
+        raise TypeError(f"{name} must be True or False, got {type(v).__name__} {v!r}")
 
 
 def _merge(ids: list[int], a: int, b: int, new_id: int) -> list[int]:
@@ -199,6 +203,8 @@ class Tokenizer:
         ordinary bytes. With `allow_special=True` each special-token string becomes its id.
         """
         _check_text(text)
+        _check_flag("add_special_tokens", add_special_tokens)
+        _check_flag("allow_special", allow_special)
         if allow_special:
             ids = []
             for k, part in enumerate(self._special_split.split(text)):
@@ -247,7 +253,10 @@ class Tokenizer:
         `padding="longest"` pads to the longest text of the batch even when `context_length`
         is given (it then only bounds the length): training batches skip the pads' compute.
         """
-        if padding not in ("max_length", "longest"):
+        for name, flag in (("truncate", truncate), ("add_special_tokens", add_special_tokens),
+                           ("allow_special", allow_special)):
+            _check_flag(name, flag)
+        if not isinstance(padding, str) or padding not in ("max_length", "longest"):
             raise ValueError(f"padding must be 'max_length' or 'longest', got {padding!r}")
         if isinstance(texts, str):
             texts = [texts]
@@ -333,17 +342,14 @@ class Tokenizer:
 
     # ---------------------------------------------------------------- persistence
     def save(self, path) -> None:
-        """Write the tokenizer as JSON (atomically: temp file, then rename)."""
+        """Write the tokenizer as JSON, atomically (temp file, fsync, rename: `minivl.atomic.write_json`)."""
         state = {"format": "minivl-bpe", "version": 1, "pattern": self.pattern,
                  "special_tokens": self.SPECIAL_TOKENS, "merges": [list(m) for m in self.merges],
                  "merge_counts": self.merge_counts}
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(state, f)
-        os.replace(tmp, path)
+        from minivl.atomic import write_json
+        path = os.path.abspath(os.fspath(path))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_json(path, state, indent=None)  # a kill mid-save leaves the old file, and no stray temp past the next
 
     @classmethod
     def load(cls, path) -> "Tokenizer":

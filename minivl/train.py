@@ -6,7 +6,8 @@ parameter groups by module name, some with their own lr or frozen, on a warmup +
 (`minivl.optim`: Loshchilov & Hutter 2019, Goyal et al. 2017, SGDR 2017); gradient clipping;
 gradient accumulation; bf16 autocast; DistributedDataParallel under torchrun (`minivl.distributed`:
 Li et al., "PyTorch Distributed", VLDB 2020); periodic evaluation; checkpoints with exact resume;
-progress lines (`minivl.progress`). This module re-exports what those two define.
+progress lines (`minivl.progress`); exact resume and Ctrl-C at step boundaries (`minivl.resume`).
+This module re-exports what those define.
 
 The one idea: the loop knows nothing about the model. Anything with `loss(batch) -> (loss, logs)`
 trains. The whole training state is weights + optimizer moments + step + RNG state; save all of it
@@ -34,8 +35,15 @@ Conventions:
 - Under DDP rank 0 alone prints, shows progress and writes files; every rank runs eval_fn (no rank
   idles in a collective that could time out); logged numbers are means over all ranks' rows. Rank r
   seeds its RNG (dropout) with seed + 1_000_003 r: ranks draw different masks, as rows of one batch.
-- Ctrl-C (KeyboardInterrupt) writes `out_dir/checkpoint` at the interrupted step, then re-raises
-  so scripts stop; `trainer.history` still holds the run so far. `fit(resume_from=...)` goes on.
+- Ctrl-C lands only between steps: during a step, fit's SIGINT handler (main thread only, restored
+  after) just asks to stop, and the step finishes first; a second Ctrl-C stops at once. Then
+  `out_dir/checkpoint` is written at that step boundary (also when Ctrl-C comes during an eval, the
+  final one included) and KeyboardInterrupt is re-raised so scripts stop; `trainer.history` holds the
+  run so far. A KeyboardInterrupt raised by code mid-step counts the step if AdamW applied its update,
+  else redoes it. `fit(resume_from=...)` goes on, bit-exact, redoing an eval the interrupt cut short;
+  the saved TrainConfig must match but for the RESUMABLE fields (more steps, how often to log...).
+- Weights or optimizer moments that are not finite are never saved (the loss can still read a number
+  while lr 100 overflows them): the run stops naming the step, the last good checkpoint stays.
 """
 from __future__ import annotations
 
@@ -43,26 +51,24 @@ import contextlib
 import json
 import math
 import numbers
-import random
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
 import minivl
 from minivl import distributed
-from minivl.checkpoint import WEIGHTS, atomic_dir, load_state, load_state_dict_checked, save_state, \
-    write_json, write_model_files
-from minivl.distributed import share, split_batch, to_device
+from minivl.checkpoint import WEIGHTS, atomic_dir, load_state, load_state_dict_checked, read_tensors, resolve, \
+    save_state, write_json, write_model_files
+from minivl.distributed import split_batch, to_device
 from minivl.optim import apply_freeze, check_group_options, check_prefixes, lr_at, make_optimizer, param_groups
 from minivl.progress import LineProgress, progress_bar
+from minivl.resume import StepBoundaries, StepSampler, checkpoint_progress, rng_state, set_rng_state
 
 
 @dataclass
@@ -102,50 +108,6 @@ class TrainConfig:
         self.lr_scale, self.freeze = check_group_options(self.lr_scale, self.freeze)
 
 
-class StepSampler:
-    """DataLoader batch sampler whose batch for step s depends only on (seed, s): each epoch is
-    a fresh permutation seeded by (seed, epoch), so a resumed run starts at any step without
-    replaying data. Infinite; the trainer stops it. The last partial batch of an epoch is dropped.
-    Under DDP the trainer sets `rank`/`world_size` and each process loads only its contiguous share."""
-
-    def __init__(self, dataset_len: int, batch_size: int, seed: int = 0, start_step: int = 0):
-        if not 1 <= batch_size <= dataset_len:
-            raise ValueError(f"need 1 <= batch_size <= dataset_len, got {batch_size} and {dataset_len}")
-        self.n, self.batch_size, self.seed, self.start_step = dataset_len, batch_size, seed, start_step
-        self.rank, self.world_size = 0, 1
-
-    def indices(self, step: int) -> list[int]:
-        """The whole batch of `step`, on every rank."""
-        epoch, j = divmod(step, self.n // self.batch_size)
-        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        return perm[j * self.batch_size:(j + 1) * self.batch_size].tolist()
-
-    def __iter__(self):
-        step = self.start_step
-        while True:
-            rows = self.indices(step)
-            yield rows[share(len(rows), self.world_size, self.rank)]
-            step += 1
-
-
-def rng_state() -> dict:
-    """Every RNG a step may draw from (dropout, data augmentation), as checkpointable values."""
-    np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
-
-
 @dataclass
 class History:
     train: list[dict] = field(default_factory=list)  # {"step", "loss", "lr", "grad_norm", ..., "samples_per_s"}
@@ -168,6 +130,11 @@ class History:
             curves.update({f"val_{k}": [r.get(k, math.nan) for r in self.eval] for k in keys})
         return plot_loss_curve(curves, title=title, log_y=log_y)
 
+
+# TrainConfig fields a resumed run may change: more `steps` trains longer (the cosine schedule then spans
+# the new total, so the lr from the saved step on differs from the old plan), and how often to log, evaluate,
+# checkpoint or show progress changes no update. Any other field would make a different run: refused.
+RESUMABLE = ("steps", "progress", "log_every", "eval_every", "ckpt_every")
 
 _META = ("step", "lr", "seconds", "samples")  # per-step bookkeeping in a log window, not averaged
 _LOCAL = (*_META, "grad_norm")  # the same on every rank (grad_norm is taken after the all-reduce): not summed
@@ -225,35 +192,62 @@ class Trainer:
         self.model.train()
         bar = progress_bar(cfg.steps, initial=self.step, desc="train", disable=not (cfg.progress and self.dist.main))
         try:
-            while self.step < cfg.steps:
-                start, rng, tic = self.step, rng_state(), time.perf_counter()
-                try:
-                    entry = self._train_step(get_batch(self.step))
-                    entry["seconds"] = time.perf_counter() - tic
-                    self._log(bar)  # first: a plain progress line printed by update() shows this step's record
-                    bar.update()
-                    if cfg.eval_every and self.step % cfg.eval_every == 0:
-                        self._evaluate()
-                    if self.out_dir is not None and cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
-                        self._checkpoint()
-                except KeyboardInterrupt:
-                    self._interrupted(rng if self.step == start else None)
-                    raise
-            if self.eval_fn is not None and (not self.history.eval or self.history.eval[-1]["step"] != self.step):
-                self._evaluate()
-            if self.out_dir is not None:
-                self._checkpoint()
-                if self.dist.main:
-                    self.history.to_json(self.out_dir / "history.json")
+            with StepBoundaries(tqdm.write if self.dist.main else lambda s: None) as stop:
+                if resume_from is not None and 0 < self.step < cfg.steps and self._eval_due(self.step) and \
+                        not (self.history.eval and self.history.eval[-1]["step"] == self.step):
+                    self._guarded(self._evaluate, bar)  # the eval an interrupt at this step cut short
+                while self.step < cfg.steps:
+                    start, rng, tic = self.step, rng_state(), time.perf_counter()
+                    try:
+                        batch = get_batch(self.step)  # outside the deferral: a stuck loader stays interruptible
+                        with stop.deferring():  # the update, its counter and its record: all or nothing
+                            entry = self._train_step(batch)
+                            entry["seconds"] = time.perf_counter() - tic
+                            self._log(bar)  # first: a plain progress line printed by update() shows this record
+                            bar.update()
+                        stop.check()  # Ctrl-C during the step lands here, at the boundary after it
+                        if self._eval_due(self.step):
+                            self._evaluate()
+                        if self.out_dir is not None and cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
+                            self._checkpoint()
+                    except KeyboardInterrupt:
+                        self._interrupted(start, rng, bar)
+                        raise
+                if self.eval_fn is not None and (not self.history.eval or self.history.eval[-1]["step"] != self.step):
+                    self._guarded(self._evaluate, bar)
+                if self.out_dir is not None:
+                    self._guarded(self._checkpoint, bar)
+                    if self.dist.main:
+                        self.history.to_json(self.out_dir / "history.json")
             if self._ddp is not None:
                 distributed.barrier(self.device)  # the files are written when any rank's fit returns
         finally:
             bar.close()
         return self.history
 
-    def _interrupted(self, rng: dict | None) -> None:
-        """Ctrl-C: save step k with the RNG as step k found it (if it was mid-step), so resume redoes it."""
+    def _eval_due(self, step: int) -> bool:
+        return bool(self.config.eval_every and step % self.config.eval_every == 0)
+
+    def _guarded(self, work: Callable, bar) -> None:
+        """work() between steps; on Ctrl-C the interrupt checkpoint is written at this step, then re-raised."""
+        try:
+            work()
+        except KeyboardInterrupt:
+            self._interrupted(self.step, None, bar)
+            raise
+
+    def _interrupted(self, start: int, rng: dict | None, bar) -> None:
+        """Ctrl-C: save the last whole step. A step either completed or did not: if the optimizer applied
+        update `start` (a KeyboardInterrupt raised from code, not a deferred SIGINT), it is finished and
+        counted; if not, it is dropped and saved with the RNG as it found it, so resume redoes it."""
         say = tqdm.write if self.dist.main else (lambda s: None)
+        self.model.train()  # an interrupted eval leaves eval mode behind
+        if self.step == start and self._updates_applied() > start:
+            self.step += 1  # the update landed, the counter had not moved yet: count it, with its hooks
+            self._run_hooks()
+        if self.step > start:
+            rng = None  # the RNG is where the finished step left it
+            self._log(bar)  # its record, if a KeyboardInterrupt from code came before it (a no-op if written)
         self._pending = [e for e in self._pending if e["step"] < self.step]  # a half-done step is redone
         self._window = [e for e in self._window if e.get("step", -1) < self.step]
         if self.out_dir is None:
@@ -262,10 +256,21 @@ class Trainer:
         try:
             self.save_checkpoint(self.checkpoint_path, rng=rng)
         except FloatingPointError as err:
-            say(f"interrupted at step {self.step}; no checkpoint, the weights are not finite: {err}")
+            say(f"interrupted at step {self.step}; no checkpoint written (the last good one stays): {err}")
             return
         say(f"interrupted at step {self.step}: checkpoint in {self.checkpoint_path}; "
-            "continue with fit(resume_from=...)")
+            "continue with fit(resume_from=...) or `python -m minivl train ... --resume`")
+
+    def _updates_applied(self) -> int:
+        """How many updates AdamW has made, from its own per-parameter step counts (0 before the first)."""
+        steps = [s["step"] for s in self.optimizer.state.values() if "step" in s]
+        return int(max(float(s) for s in steps)) if steps else 0
+
+    def _run_hooks(self) -> None:
+        if callable(getattr(self.model, "after_step", None)):
+            self.model.after_step()
+        if self.after_step is not None:
+            self.after_step(self.model, self.step)
 
     def autocast(self):
         """bf16 matmuls with fp32 weights and optimizer state: no loss scaling needed, unlike fp16."""
@@ -294,16 +299,13 @@ class Trainer:
                 sums[k] = sums[k] + v if k in sums else v
         clip = self.config.grad_clip if self.config.grad_clip is not None else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)  # norm before clipping
-        entry = {**sums, "step": self.step, "lr": lr, "grad_norm": grad_norm, "samples": rows or 0}
+        entry = {**sums, "step": self.step, "lr": lr, "grad_norm": grad_norm, "samples": rows or 0, "seconds": 0.0}
         self._pending.append(entry)
         if self._boundary(self.step + 1):
             self._flush()  # the one host sync of the window; raises before a non-finite update
         self.optimizer.step()
         self.step += 1
-        if callable(getattr(self.model, "after_step", None)):
-            self.model.after_step()
-        if self.after_step is not None:
-            self.after_step(self.model, self.step)
+        self._run_hooks()
         return entry
 
     def _check_output(self, out) -> tuple[torch.Tensor, dict]:
@@ -350,7 +352,8 @@ class Trainer:
         self._window += pending
 
     def _log(self, bar) -> None:
-        if self.step % self.config.log_every and self.step != self.config.steps:
+        if self.step % self.config.log_every and self.step != self.config.steps or \
+                self.history.train and self.history.train[-1]["step"] == self.step:
             return
         win, self._window = self._window, []
         last = win[-1]
@@ -411,6 +414,7 @@ class Trainer:
         """Weights + config (loadable by load_model), optimizer, step, RNG and history, atomically.
         Rank 0 alone writes; a FloatingPointError instead if the window's losses are not finite."""
         self._flush(reduce=False)  # empty at the trainer's own checkpoints; collectives would need every rank
+        self._check_finite(path)  # on every rank (DDP keeps the weights equal), so all of them stop together
         if not self.dist.main:
             return
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": rng or rng_state(),
@@ -422,13 +426,48 @@ class Trainer:
             save_state(tmp, "train_state", state)
             self.history.to_json(tmp / "history.json")
 
+    def _check_finite(self, path: str | Path) -> None:
+        """A finite loss does not make finite weights (lr 100 without clipping overflows them while the
+        loss still reads a number): refuse to write non-finite weights or moments over a good checkpoint.
+        One device sync for all tensors."""
+        named = [(n, p) for n, p in self.model.named_parameters()]
+        named += [(f"optimizer moment {k!r}", v) for st in self.optimizer.state.values() for k, v in st.items()
+                  if isinstance(v, torch.Tensor) and v.is_floating_point() and k != "step"]
+        if not named:
+            return
+        ok = torch.stack([torch.isfinite(t).all().to(self.device) for _, t in named]).tolist()
+        bad = [n for (n, _), good in zip(named, ok) if not good]
+        if bad:
+            raise FloatingPointError(
+                f"the training diverged: after step {self.step} {len(bad)} tensor(s) are not finite ({', '.join(bad[:3])}"
+                f"{', ...' if len(bad) > 3 else ''}), though the loss may still read a number; not saving them to "
+                f"{path}, whose last checkpoint (if any) is the last good one. Try a lower lr or grad_clip.")
+
+    def _check_config(self, path: Path, saved: dict | None) -> None:
+        """Resuming with another TrainConfig would change some settings and silently ignore others (the
+        seed, say): only RESUMABLE fields may differ; any other difference is named and refused."""
+        if saved is None:
+            return
+        ours = asdict(self.config)
+        differ = sorted(k for k in saved if k not in RESUMABLE and saved[k] != ours.get(k))  # a field newer than
+        #          the checkpoint cannot be compared; freeze and lr_scale are checked again as optimizer groups
+        if differ:
+            raise ValueError(f"{path} was saved with another TrainConfig: "
+                             + "; ".join(f"{k} saved {saved.get(k)!r}, now {ours.get(k)!r}" for k in differ)
+                             + f". Resume with the saved values (only {', '.join(RESUMABLE)} may change), "
+                             "or start a fresh run")
+
     def load_checkpoint(self, path: str | Path) -> dict | None:
         """Restore weights, optimizer, step and history from `path`; returns this rank's saved RNG state."""
-        path = Path(path)
+        path = resolve(path)  # a save a kill cut short is repaired first
         if not (path / "train_state.json").is_file():
             raise FileNotFoundError(f"{path} is not a training checkpoint (no train_state.json)")
-        load_state_dict_checked(self.model, load_file(str(path / WEIGHTS)))
         state = load_state(path, "train_state")
+        self._check_config(path, state.get("config"))
+        if state["step"] > self.config.steps:
+            raise ValueError(f"{path} is at step {state['step']}, past this run's steps={self.config.steps}: "
+                             "resume with at least as many steps")
+        load_state_dict_checked(self.model, read_tensors(path / WEIGHTS))  # damaged or non-finite: ValueError
         groups = self.optimizer.param_groups
         ours = [(g["name"], len(g["params"])) for g in groups]
         saved = [(g.get("name"), len(g["params"])) for g in state["optimizer"]["param_groups"]]
@@ -455,4 +494,4 @@ class Trainer:
 
 __all__ = ["TrainConfig", "Trainer", "History", "StepSampler", "lr_at", "param_groups", "make_optimizer",
            "apply_freeze", "check_prefixes", "split_batch", "progress_bar", "LineProgress", "to_device",
-           "rng_state", "set_rng_state"]
+           "rng_state", "set_rng_state", "checkpoint_progress", "RESUMABLE"]

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from minivl import validate
 from minivl.checkpoint import Checkpointable
 from minivl.transformer import Transformer, init_weights
 
@@ -48,10 +49,16 @@ class ViTConfig:
     image_mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     image_std: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # a bad field fails here, not as a shape error in the first forward
+        validate.config_fields(self, ints=dict(image_size=1, patch_size=1, width=1, depth=0, heads=1, num_classes=0),
+                               reals=dict(mlp_ratio=(0, None, True), norm_eps=(0, None, True),
+                                          dropout=(0, 1, False, True)), strings=("activation",))
+        if not isinstance(self.image_mean, (tuple, list)) or not isinstance(self.image_std, (tuple, list)):
+            raise TypeError(f"image_mean/image_std must be 3-tuples, got {self.image_mean!r}, {self.image_std!r}")
         if self.image_size % self.patch_size != 0:
             raise ValueError(f"image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
-        self.image_mean, self.image_std = tuple(map(float, self.image_mean)), tuple(map(float, self.image_std))
+        self.image_mean = tuple(validate.real("image_mean", v) for v in self.image_mean)
+        self.image_std = tuple(validate.real("image_std", v) for v in self.image_std)
         if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
             raise ValueError(f"image_mean/image_std need 3 values each, std > 0; got {self.image_mean}, {self.image_std}")
 
@@ -75,14 +82,30 @@ class ViTOutput:
     attentions: list[torch.Tensor] | None = field(default=None)  # depth entries of (B, H, 1 + N, 1 + N)
 
 
-def check_images(images: torch.Tensor, image_size: int) -> None:
-    """Raise a clear error unless images is a float (B, 3, image_size, image_size) tensor."""
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"images must be a torch.Tensor (B, 3, H, W), got {type(images).__name__}")
-    if images.dim() != 4 or images.shape[1] != 3 or images.shape[2:] != (image_size, image_size):
-        raise ValueError(f"images must be (B, 3, {image_size}, {image_size}), got {tuple(images.shape)}")
+MAX_PIXEL = 10.0  # the largest |value| an input pixel may have (see check_images)
+
+
+def check_images(images, image_size: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """-> images as a float (B, 3, image_size, image_size) tensor of `dtype`, or a clear error.
+
+    numpy arrays are converted; float16/float64 images are cast to `dtype` (the model's weights'),
+    since a convolution refuses mixed dtypes with an error that names neither; NaN/inf pixels are
+    rejected on CPU (on an accelerator a value check would be a host sync, see minivl.validate).
+    """
+    images = validate.tensor("images", images, shape=("B", 3, image_size, image_size), numpy=False,
+                             hint="convert with torch.from_numpy(...).permute(...) or use minivl.clip.Preprocess")
     if not images.is_floating_point():
-        raise TypeError(f"images must be float (use minivl.data.image_to_tensor), got {images.dtype}")
+        raise TypeError(f"images must be float (use minivl.data.image_to_tensor or clip.Preprocess), got {images.dtype}")
+    # Pixels come in [-1, 1] (CLIP-normalised ones within about +-3): far outside is a forgotten
+    # normalisation - 0..255 floats - and gives confident garbage, not an error, unless caught here.
+    # One pass over the pixels on the CPU: max |x| is NaN if any pixel is, inf if any is.
+    if validate.on_cpu(images) and not images.abs().amax() <= MAX_PIXEL:
+        if not torch.isfinite(images).all():
+            raise ValueError("images contains NaN or inf")
+        raise ValueError(f"images must lie in [-1, 1] (|x| <= {MAX_PIXEL} allowed for normalised pixels), got values "
+                         f"in [{images.min().item():.4g}, {images.max().item():.4g}]: 0..255 pixels? use "
+                         f"minivl.data.image_to_tensor or minivl.clip.Preprocess")
+    return images if dtype is None else images.to(dtype)
 
 
 class VisionTransformer(Checkpointable, nn.Module):
@@ -106,7 +129,7 @@ class VisionTransformer(Checkpointable, nn.Module):
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Patches + class token + positions, before ln_pre: (B, 1 + N, D)."""
-        check_images(images, self.config.image_size)
+        images = check_images(images, self.config.image_size, self.patch_embed.weight.dtype)
         c = self.config
         if c.image_mean != (0.0, 0.0, 0.0) or c.image_std != (1.0, 1.0, 1.0):  # skip the identity (ported weights)
             mean, std = (images.new_tensor(v).view(1, 3, 1, 1) for v in (c.image_mean, c.image_std))
@@ -163,7 +186,12 @@ class ViTClassifier(Checkpointable, nn.Module):
         return self.head(self.vit(images).pooled)  # (B, num_classes)
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        if not isinstance(batch, dict) or "image" not in batch or "label" not in batch:
+            raise TypeError(f"ViTClassifier.loss needs a dict with 'image' and 'label', got "
+                            f"{sorted(batch) if isinstance(batch, dict) else type(batch).__name__}")
         logits = self(batch["image"])
-        loss = F.cross_entropy(logits.float(), batch["label"])
-        acc = (logits.argmax(-1) == batch["label"]).float().mean()
+        labels = validate.tensor("batch['label']", batch["label"], shape=(logits.shape[0],), kind="int",
+                                 low=0, high=self.config.num_classes - 1).to(logits.device).long()
+        loss = F.cross_entropy(logits.float(), labels)
+        acc = (logits.argmax(-1) == labels).float().mean()
         return loss, {"acc": acc}  # a tensor: .item() here would sync the device every step

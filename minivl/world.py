@@ -36,6 +36,7 @@ SIZES = ("small", "large")
 SPLITS = {"train": 0, "val": 1, "test": 2, "heldout": 3}
 N_BACKGROUNDS = 32  # precomputed background textures (x 4 flips)
 PLACEMENT_TRIES = 20  # random positions tried per object before the grid fallback
+MAX_IMAGE_SIZE = 512  # the background cache is N_BACKGROUNDS * S * S int64 while it is built
 MIN_OBJECT_PX = 7  # below this a circle, a diamond and a cross stop looking different
 DEFAULT_HELDOUT = (("red", "triangle"), ("green", "circle"), ("blue", "cross"),
                    ("yellow", "square"), ("purple", "diamond"))
@@ -56,12 +57,35 @@ class WorldConfig:
     seed: int = 0                 # world seed: a different seed is a different (equally valid) world
 
     def __post_init__(self):
+        # types first (a str is a sequence of 1-letter "colours", True is an int, NaN compares
+        # False to everything), so the range checks below only ever see the types they expect
+        for name in ("colors", "shapes", "heldout"):
+            if not isinstance(getattr(self, name), (list, tuple)):
+                raise TypeError(f"{name} must be a tuple, got {type(getattr(self, name)).__name__} "
+                                f"{getattr(self, name)!r:.60}")
         self.colors, self.shapes = tuple(self.colors), tuple(self.shapes)
+        for name in ("colors", "shapes"):
+            for v in getattr(self, name):
+                if not isinstance(v, str):
+                    raise TypeError(f"{name} must hold strings, got {type(v).__name__} {v!r:.40}")
+        for p in self.heldout:
+            if not isinstance(p, (list, tuple)) or len(p) != 2 or not all(isinstance(v, str) for v in p):
+                raise TypeError(f"heldout must hold (colour, shape) string pairs, got {p!r:.60}")
         self.heldout = tuple(tuple(p) for p in self.heldout)
+        for name in ("image_size", "min_objects", "max_objects", "texture", "questions_per_type", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r:.40}")
+            setattr(self, name, int(v))  # numpy ints are ints; stored as Python ints (same pixels)
+        for name in ("small", "large"):
+            v = getattr(self, name)
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise TypeError(f"{name} must be a float (a fraction of image_size), got {type(v).__name__} {v!r:.40}")
         S = self.image_size
-        if isinstance(S, bool) or not isinstance(S, int) or S < 32:
+        if not 32 <= S <= MAX_IMAGE_SIZE:
             raise ValueError(f"image_size must be an int >= 32 (smaller images cannot show shapes "
-                             f"of >= {MIN_OBJECT_PX} px apart), got {S!r}")
+                             f"of >= {MIN_OBJECT_PX} px apart) and <= {MAX_IMAGE_SIZE} (the background "
+                             f"cache alone would take gigabytes), got {S!r}")
         for c in self.colors:
             if c not in PALETTE:
                 raise ValueError(f"unknown colour {c!r}; known colours: {sorted(PALETTE)}")
@@ -78,10 +102,9 @@ class WorldConfig:
         if self.max_objects > self.capacity:
             raise ValueError(f"max_objects={self.max_objects} does not fit a {S}x{S} canvas: at most "
                              f"{self.capacity} large objects fit without overlap; lower it or raise image_size")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 1 << 32:
+        if not 0 <= self.seed < 1 << 32:
             raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
-        if isinstance(self.questions_per_type, bool) or not isinstance(self.questions_per_type, int) \
-                or self.questions_per_type < 1:
+        if self.questions_per_type < 1:
             raise ValueError(f"questions_per_type must be an int >= 1, got {self.questions_per_type!r}")
         if not 0 <= self.texture <= 40:
             raise ValueError(f"texture must be in [0, 40] grey levels, got {self.texture}")
@@ -139,8 +162,19 @@ class Scene:
     memo: dict = field(default_factory=dict, repr=False, compare=False)
 
 
+def _as_int(x, name: str) -> int:
+    """NumPy ints are ints (indices often come from np.arange); bools and floats are not."""
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(x).__name__} {x!r:.40}")
+    return int(x)
+
+
 def shape_mask(shape: str, side: int) -> np.ndarray:
     """Boolean mask of `shape` in a side x side square, cropped to its tight box (pixel centres)."""
+    if not isinstance(shape, str):
+        raise TypeError(f"shape must be a string, one of {list(SHAPES)}, got {type(shape).__name__}")
+    if not 1 <= _as_int(side, "side") <= MAX_IMAGE_SIZE:
+        raise ValueError(f"side must be in [1, {MAX_IMAGE_SIZE}] pixels, got {side}")
     c = np.arange(side) + 0.5 - side / 2
     u, v, r = c[None, :], c[:, None], side / 2
     if shape == "circle":
@@ -197,14 +231,14 @@ class World:
         n_objects=None draws the count from [min_objects, max_objects]; n_objects=1 gives
         single-object scenes (classification)."""
         cfg = self.config
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
-        if split == "heldout" and not self.heldout:
-            raise ValueError("this world has no held-out pairs (config.heldout is empty)")
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < 1 << 48:
+        self._check_split(split)
+        index = _as_int(index, "index")
+        if not 0 <= index < 1 << 48:
             raise ValueError(f"index must be a non-negative int below 2**48, got {index!r}")
-        if n_objects is not None and not 1 <= n_objects <= cfg.capacity:
-            raise ValueError(f"n_objects must be in [1, {cfg.capacity}] for image_size={cfg.image_size}, got {n_objects}")
+        if n_objects is not None:
+            n_objects = _as_int(n_objects, "n_objects")
+            if not 1 <= n_objects <= cfg.capacity:
+                raise ValueError(f"n_objects must be in [1, {cfg.capacity}] for image_size={cfg.image_size}, got {n_objects}")
         # one integer key per (seed, split, index, n_objects), spelled out: never Python's hash()
         rng = random.Random((((cfg.seed << 2 | SPLITS[split]) << 48 | int(index)) << 8) | (n_objects or 0))
         u = rng.random  # only random() draws: its stream is guaranteed across Python versions
@@ -222,7 +256,26 @@ class World:
             h, w = m.shape
             image[y:y + h, x:x + w][m] = PALETTE[color]
             objects.append(Obj(shape, color, size, (x, y, x + w, y + h)))
-        return Scene(image, objects, split, int(index), int(u() * (1 << 53)))
+        return Scene(image, objects, split, index, int(u() * (1 << 53)))
+
+    def _check_split(self, split) -> None:
+        if not isinstance(split, str):  # a list would fail deep inside dict lookup ("unhashable")
+            raise TypeError(f"split must be a string, one of {list(SPLITS)}, got {type(split).__name__} {split!r:.40}")
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
+        if split == "heldout" and not self.heldout:
+            raise ValueError("this world has no held-out pairs (config.heldout is empty)")
+
+    def _check_scene(self, scene) -> Scene:
+        """Text and labels read scene.objects and the world's config; a scene of a bigger world
+        would get region words from the wrong canvas, so the image size must match too."""
+        if not isinstance(scene, Scene):
+            raise TypeError(f"scene must be a minivl.world.Scene (from World.scene), got {type(scene).__name__}")
+        S = self.config.image_size
+        if getattr(scene.image, "shape", None) != (S, S, 3):
+            raise ValueError(f"scene.image must be ({S}, {S}, 3) for this world, got "
+                             f"{getattr(scene.image, 'shape', type(scene.image).__name__)}")
+        return scene
 
     def _background(self, u) -> np.ndarray:
         """A dark, lightly textured background: one of N_BACKGROUNDS precomputed noise fields
@@ -273,11 +326,14 @@ class World:
 
     # ---- labels -------------------------------------------------------------------------
     def class_index(self, scene: Scene) -> int:
+        self._check_scene(scene)
         if len(scene.objects) != 1:
             raise ValueError(f"class labels are for single-object scenes (n_objects=1), got {len(scene.objects)} objects")
         return self._class_ids[scene.objects[0].name]
 
     def answer_index(self, answer: str) -> int:
+        if not isinstance(answer, str):
+            raise TypeError(f"answer must be a string, got {type(answer).__name__} {answer!r:.40}")
         if answer not in self._answer_ids:
             raise ValueError(f"{answer!r} is not in the answer vocabulary ({len(self.answers)} answers)")
         return self._answer_ids[answer]
@@ -285,23 +341,23 @@ class World:
     # ---- text (see minivl/world_text.py) -------------------------------------------------
     def captions(self, scene: Scene) -> list:
         """All valid captions (several phrasings, kept together as BLEU references)."""
-        return _text.captions(self, scene)
+        return _text.captions(self, self._check_scene(scene))
 
     def questions(self, scene: Scene) -> list:
         """Question(question, answer, type) with exactly one correct answer, <= questions_per_type per type."""
-        return _text.questions(self, scene)
+        return _text.questions(self, self._check_scene(scene))
 
     def referring(self, scene: Scene) -> list:
         """Referring(text, box, index, type): phrases that pick out exactly one object."""
-        return _text.referring(self, scene)
+        return _text.referring(self, self._check_scene(scene))
 
     def detection(self, scene: Scene) -> list:
         """DetectionQuery(phrases, boxes, labels, type): prompts with every matching box."""
-        return _text.detection(self, scene)
+        return _text.detection(self, self._check_scene(scene))
 
     def conversation(self, scene: Scene) -> list:
         """LLaVA turns [{"from": "human"|"gpt", "value": ...}]: describe, count, locate, answer."""
-        return _text.conversation(self, scene)
+        return _text.conversation(self, self._check_scene(scene))
 
     def all_text(self, scene: Scene) -> dict:
         """Every task's targets for one scene."""
@@ -321,6 +377,10 @@ class World:
 
     def fingerprint(self, split: str = "train", n: int = 8) -> str:
         """sha256 of the pixels and all text of scenes 0..n-1 of `split` (golden-hash tests)."""
+        self._check_split(split)
+        n = _as_int(n, "n")
+        if n < 1:
+            raise ValueError(f"n must be >= 1 scenes, got {n}")
         h = hashlib.sha256(VERSION.encode())
         for i in range(n):
             s = self.scene(i, split)

@@ -354,3 +354,48 @@ def test_accumulation_with_positives_trains_each_micro_batch_as_its_own_contrast
     assert history.train[0]["loss"] != pytest.approx(whole, rel=1e-3)  # fewer negatives: a different loss
     for (name, p), q in zip(trainer.model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)  # the update's gradient
+
+
+# ---------------------------------------------------------------------------- validation where data enters
+def test_text_without_mask_takes_it_from_pad_id_instead_of_pooling_a_pad():
+    model = tiny_model().eval()
+    ids, mask = token_batch([4, 12, 7])
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        with_mask, _ = model.loss({"image": images, "input_ids": ids, "attention_mask": mask})
+        without, _ = model.loss({"image": images, "input_ids": ids})
+    torch.testing.assert_close(without, with_mask)
+    with pytest.raises(ValueError, match="pad_id"):
+        CLIP(CLIPConfig.preset("tiny", pad_id=None)).encode_text({"input_ids": ids})
+    with pytest.raises(ValueError, match=r"must match the ids' shape"):  # batch 1 mask, batch 3 ids
+        model.encode_text({"input_ids": ids, "attention_mask": mask[:1]})
+
+
+@pytest.mark.parametrize("temperature", [torch.tensor(0.0), torch.tensor(-0.1), torch.tensor(float("nan")),
+                                         float("nan"), 0.0])
+def test_clip_loss_rejects_a_non_positive_or_nan_temperature(temperature):
+    f = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="temperature"):
+        clip_loss(f, f, temperature=temperature)
+
+
+def test_zero_shot_helpers_reject_bad_scales_empty_templates_and_labels():
+    f = torch.randn(3, 8)
+    for scale in (-1.0, float("nan"), True):
+        with pytest.raises((ValueError, TypeError), match="scale"):
+            clip.zero_shot_logits(f, f, scale)
+    with pytest.raises(ValueError, match="empty"):
+        clip.ensemble_class_embeddings(torch.randn(3, 0, 8))
+    with pytest.raises(ValueError, match="templates"):
+        clip.ZeroShotClassifier(tiny_model(), ["red circle"], templates=[])
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\]"):
+        clip.zero_shot_eval(f, [0, 1, 5], f)
+    with pytest.raises(ValueError, match="train_labels"):
+        clip.linear_probe(f, [0, 1], f, [0, 1, 2])
+
+
+def test_preprocess_rejects_nan_pixels_which_pass_a_range_test():
+    with pytest.raises(ValueError, match="finite"):
+        clip.Preprocess(32)(torch.full((3, 32, 32), float("nan")))
+    with pytest.raises(TypeError, match="image_size"):
+        clip.Preprocess(True)

@@ -138,3 +138,67 @@ def test_world_tokenizer_is_deterministic_and_never_saw_heldout_pairs(tok):
     text = "is the large red circle left of the small blue square?"
     assert tok.decode(tok.encode(text)) == text
     assert len(tok.encode(text)) <= 14  # world words are single tokens, not bytes
+
+
+# ---- bad input where it enters: clear errors, never a silently wrong item --------------------
+def test_dataset_indices_and_lengths_are_checked():
+    ds = data.CaptionDataset(World(), "train", np.int64(4))
+    assert len(ds) == 4 and type(ds.length) is int
+    assert ds[-1]["index"] == 3 and ds[np.int64(2)]["index"] == 2 and ds[torch.tensor(1)]["index"] == 1
+    with pytest.raises(TypeError, match="index must be an int"):
+        ds[True]  # used to be item 1, silently
+    with pytest.raises(TypeError, match="index must be an int"):
+        ds[1.0]
+    with pytest.raises(IndexError, match="out of range"):
+        ds[-5]
+    for bad, error in ((0, ValueError), (-3, ValueError), (2.0, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="length"):
+            data.VQADataset(World(), "train", bad)
+    with pytest.raises(TypeError, match="split must be a string"):
+        data.VQADataset(World(), ["train"], 4)
+
+
+class _FakeTokenizer:
+    pad_id = 0
+
+    def __call__(self, texts, context_length=None, truncate=True):
+        ids = [[1] * len(t) for t in texts]
+        ids, mask = data.pad_sequences(ids, self.pad_id)
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_collate_says_what_the_tokenizer_misses():
+    tok = _FakeTokenizer()
+    assert data.collate([{"text": "ab"}, {"text": "a"}], tok)["input_ids"].tolist() == [[1, 1], [1, 0]]
+    with pytest.raises(ValueError, match="no 'text'"):
+        data.collate([{"index": 0}], tok)  # used to return a batch without input_ids
+    with pytest.raises(TypeError, match="item 1's 'text' must be a string"):
+        data.collate([{"text": "a"}, {"text": 3}], tok)
+    with pytest.raises(TypeError, match="tokenizer"):
+        data.collate([{"text": "a"}], tokenizer="gpt2")
+    with pytest.raises(ValueError, match="non-empty list"):
+        data.collate({"text": "a"})
+    with pytest.raises(ValueError, match="context_length"):
+        data.make_collate(tok, context_length=0)
+    with pytest.raises(TypeError, match="truncate"):
+        data.make_collate(tok, truncate="yes")
+    with pytest.raises(ValueError, match="non-empty list"):
+        data.pad_sequences([], 0)
+    with pytest.raises(TypeError, match=r"input_ids\[1\]"):
+        data.pad_sequences([[1], [0.5]], 0)
+
+
+def test_image_conversions_reject_wrong_dtype_shape_range_and_nan():
+    with pytest.raises(ValueError, match="uint8"):
+        data.image_to_tensor(np.zeros((8, 8, 4), np.uint8))
+    with pytest.raises(ValueError, match="empty"):
+        data.image_to_tensor(np.zeros((0, 8, 3), np.uint8))
+    with pytest.raises(TypeError, match="img"):
+        data.image_to_tensor(None)
+    with pytest.raises(ValueError, match="NaN"):
+        data.tensor_to_image(torch.full((3, 4, 4), float("nan")))  # used to give grey level 0
+    with pytest.raises(TypeError, match="floating"):
+        data.tensor_to_image(torch.zeros(3, 4, 4, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        data.tensor_to_image(torch.full((3, 4, 4), 255.0))  # a [0, 255] image, not ours
+    assert (data.tensor_to_image(torch.full((3, 2, 2), 1.2)) == 255).all()  # small overshoot clamps

@@ -305,3 +305,25 @@ def test_memory_decoding_batched_equals_each_alone_and_reads_the_memory(num_beam
     assert not torch.equal(other, out)  # the tokens depend on the memory
     with pytest.raises(ValueError, match="memory_mask given without memory"):
         _lm().generate(ids, mask, memory_mask=mem_mask, max_new_tokens=2)
+
+
+# ---------------------------------------------------------------------------- every argument checked, every mode
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"repetition_penalty": float("nan")}, ValueError, "repetition_penalty"),
+    ({"temperature": float("nan")}, ValueError, "temperature"),  # ignored by greedy, still a bug
+    ({"top_p": 1.5}, ValueError, "top_p"),
+    ({"top_k": 0}, ValueError, "top_k"),
+    ({"top_k": 0, "num_beams": 2}, ValueError, "top_k"),
+    ({"max_new_tokens": True}, TypeError, "max_new_tokens"),
+    ({"pad_id": 300}, ValueError, r"pad_id must be a token id in \[0, 300\)"),
+    ({"eos_id": -1}, ValueError, "eos_id"),
+    ({"do_sample": "yes"}, TypeError, "do_sample"),
+    ({"length_penalty": float("inf")}, ValueError, "length_penalty"),
+])
+def test_generation_arguments_are_checked_whatever_the_mode(kwargs, error, match):
+    from minivl.lm import CausalLM, LMConfig
+    torch.manual_seed(0)
+    lm = CausalLM(LMConfig.preset("tiny", eos_id=1, pad_id=0))
+    kwargs = {"max_new_tokens": 3, **kwargs}
+    with pytest.raises(error, match=match):
+        lm.generate(torch.randint(3, 280, (2, 4)), **kwargs)

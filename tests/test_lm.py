@@ -191,3 +191,31 @@ def test_recipe_trains_saves_and_reports(tmp_path):
     lm = CausalLM.load(tmp_path / "ckpt")
     assert lm.config.eos_id is not None and (tmp_path / "ckpt" / "tokenizer.json").is_file()
     assert RECIPES["cpu"].steps > RECIPES["tiny"].steps
+
+
+# ---------------------------------------------------------------------------- validation where data enters
+def test_mask_values_other_than_0_1_are_rejected_not_counted_twice():
+    lm, ids = _lm(), torch.randint(0, 280, (2, 5))
+    with pytest.raises(ValueError, match="only 0 and 1"):  # positions_from_mask's cumsum would skip a position
+        lm(ids, torch.tensor([[1, 2, 1, 1, 1], [1, 1, 1, 1, 1]]))
+
+
+def test_lm_config_ids_must_lie_in_the_vocabulary():
+    with pytest.raises(ValueError, match=r"LMConfig.eos_id must be a token id in \[0, 300\)"):
+        LMConfig.preset("tiny", eos_id=300)
+    with pytest.raises(TypeError, match="pad_id"):
+        LMConfig.preset("tiny", pad_id=True)
+    with pytest.raises(ValueError, match="divisible"):
+        LMConfig.preset("tiny", heads=5)
+
+
+def test_loss_checks_labels_and_length():
+    lm, ids = _lm(), torch.randint(0, 280, (2, 5))
+    with pytest.raises(ValueError, match=r"labels.*\[0, 300\) or -100"):
+        lm.loss({"input_ids": ids, "labels": ids + 300})
+    with pytest.raises(ValueError, match=">= 2 tokens"):
+        lm.loss({"input_ids": ids[:, :1]})
+    with pytest.raises(ValueError, match="no target"):  # the mean of nothing would be NaN
+        lm.loss({"input_ids": ids, "labels": torch.full_like(ids, -100)})
+    loss, _ = lm.loss({"input_ids": ids.int(), "labels": ids.int()})  # int32 ids and labels work
+    assert torch.isfinite(loss)

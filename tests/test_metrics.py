@@ -485,3 +485,96 @@ def test_average_precision_equals_pycocotools_cocoeval():
         if trial % 4 == 0:
             truncation_mattered |= average_precision(preds, gts, max_detections=None)["mAP@0.5"] != ours["mAP@0.5"]
     assert truncation_mattered  # the >100-detection images did exercise COCO's maxDets
+
+
+# ---- every metric returns a number or raises ValueError/TypeError: no silent wrong answer ----
+from minivl.metrics import (box_area, first_positive_rank,  # noqa: E402
+                            )
+
+
+def test_inverted_boxes_are_rejected_even_when_their_area_is_positive():
+    both_inverted = [[4.0, 4.0, 1.0, 2.0]]  # (x2 - x1) * (y2 - y1) = (-3) * (-2) = +6
+    for fn in (box_area, lambda b: box_iou(b, [[0, 0, 1, 1]]), lambda b: generalized_box_iou([[0, 0, 1, 1]], b),
+               lambda b: referring_accuracy(b, [[0, 0, 1, 1]]), lambda b: box_convert(b, "xyxy", "cxcywh")):
+        with pytest.raises(ValueError, match="x2 >= x1"):
+            fn(both_inverted)
+    with pytest.raises(ValueError, match="x2 >= x1"):
+        average_precision([{"boxes": both_inverted, "scores": [1.0], "labels": [0]}],
+                          [{"boxes": [[0, 0, 1, 1]], "labels": [0]}])
+    assert box_area([[0, 0, 2, 3]]).tolist() == [6.0]
+
+
+def test_nan_inf_bool_and_complex_inputs_are_rejected():
+    nan = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        box_iou([[0, 0, nan, 1]], [[0, 0, 1, 1]])
+    with pytest.raises(ValueError, match="NaN"):
+        retrieval_metrics(torch.tensor([[float("inf"), 0.0], [0.0, 1.0]]), torch.eye(2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="NaN"):
+        first_positive_rank(torch.tensor([[nan]]), torch.tensor([[True]]))
+    with pytest.raises(TypeError, match="similarity"):
+        retrieval_metrics(torch.eye(2, dtype=torch.complex64), torch.eye(2, dtype=torch.bool))
+    with pytest.raises(TypeError, match="boxes"):
+        box_iou(torch.ones(1, 4, dtype=torch.bool), [[0, 0, 1, 1]])
+    with pytest.raises(TypeError, match="logits"):
+        topk_accuracy("abc", [0])
+    with pytest.raises(ValueError, match="thresh"):
+        referring_accuracy([[0, 0, 1, 1]], [[0, 0, 1, 1]], thresh=nan)
+    with pytest.raises(ValueError, match="sigma"):
+        cider_d(["a", "b"], [["a"], ["b"]], sigma=0.0)
+
+
+def test_empty_inputs_say_no_number_is_meaningful():
+    for call in (lambda: referring_accuracy(torch.zeros(0, 4), torch.zeros(0, 4)),
+                 lambda: bleu([], []), lambda: exact_match([], []), lambda: vqa_accuracy([], []),
+                 lambda: topk_accuracy(torch.zeros(0, 3), [], ks=(1,)),
+                 lambda: retrieval_metrics(torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.bool)),
+                 lambda: average_precision([], [])):
+        with pytest.raises(ValueError, match="empty|at least one|non-empty|no questions"):
+            call()
+
+
+def test_k_out_of_range_and_bools_as_k():
+    logits, y = torch.eye(3), torch.tensor([0, 1, 2])
+    assert topk_accuracy(logits, y, ks=(np.int64(1),)) == {"top1": 1.0}
+    for ks in ((0,), (4,), ()):
+        with pytest.raises(ValueError, match="ks must be ints in"):
+            topk_accuracy(logits, y, ks=ks)
+    with pytest.raises(TypeError, match="ks"):
+        topk_accuracy(logits, y, ks=(True,))  # used to report "topTrue"
+    with pytest.raises(TypeError, match="ks"):
+        retrieval_metrics(torch.eye(2), torch.eye(2, dtype=torch.bool), ks=5)
+    with pytest.raises(ValueError, match="ks"):
+        retrieval_metrics(torch.eye(2), torch.eye(2, dtype=torch.bool), ks=(0,))
+    with pytest.raises(TypeError, match="num_classes"):
+        confusion_matrix([0], [0], True)
+    with pytest.raises(ValueError, match="no True entry"):
+        first_positive_rank(torch.eye(2), torch.tensor([[True, False], [False, False]]))
+
+
+def test_mismatched_lengths_and_wrong_types_of_captions_and_answers():
+    with pytest.raises(ValueError, match="one reference list per candidate"):
+        bleu(["a", "b"], [["a"]])
+    with pytest.raises(TypeError, match="candidates must be a list"):
+        bleu("a red circle", [["a"]] * 12)  # a string would be scored character by character
+    with pytest.raises(TypeError, match=r"candidates\[0\]"):
+        cider_d_scores([None, "a"], [["a"], ["b"]])
+    with pytest.raises(TypeError, match=r"references\[1\]\[0\]"):
+        bleu(["a", "b"], [["a"], [3]])
+    with pytest.raises(TypeError, match="n must be an int"):
+        bleu(["a"], [["a"]], n=True)
+    with pytest.raises(ValueError, match="one answer per prediction"):
+        exact_match(["a", "b"], ["a"])
+    with pytest.raises(TypeError, match=r"predictions\[0\]"):
+        vqa_scores([2], [["2", "2"]])
+    with pytest.raises(TypeError, match="answers must be strings"):
+        vqa_accuracy(["a"], [["a", 1]])
+    with pytest.raises(TypeError, match="predictions must be a list"):
+        exact_match(None, ["a"])
+    with pytest.raises(TypeError, match=r"types\[0\]"):
+        accuracy_by_type(["a"], ["a"], [["color"]])
+    with pytest.raises(ValueError, match="pred_boxes and gt_boxes"):
+        referring_accuracy([[0, 0, 1, 1]], [[0, 0, 1, 1]] * 2)
+    with pytest.raises(TypeError, match="iou_thresholds"):
+        average_precision([{"boxes": [], "scores": [], "labels": []}], [{"boxes": [[0, 0, 1, 1]], "labels": [0]}],
+                          iou_thresholds="0.5")

@@ -111,3 +111,55 @@ def test_no_import_cycles():
         if m not in state:
             visit(m, [m])
     assert not cycle, f"import cycles: {cycle[:3]}"
+
+
+# ---------------------------------------------------------------- CLI: bad input is one line, exit 2
+def test_cli_bad_input_is_one_error_line_and_exit_2_not_a_traceback(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "minivl", "train", "clip", "--steps", "-1", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "steps" in lines[0], out.stderr
+
+
+@pytest.mark.parametrize("argv, word", [
+    (["train", "clip", "--steps", "0", "--preset", "tiny"], "steps"),
+    (["train", "clip", "--device", "nonsense", "--preset", "tiny"], "--device"),
+    (["bench", "metrics", "--device", "nonsense"], "--device"),
+])
+def test_cli_main_returns_2_with_the_message(argv, word, tmp_path, capsys):
+    from minivl.__main__ import main
+    if argv[0] == "train":
+        argv = argv + ["--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and word in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_cli_cuda_without_cuda_and_unknown_preset(tmp_path, capsys):
+    from minivl.__main__ import main
+    if not torch.cuda.is_available():
+        assert main(["train", "clip", "--device", "cuda", "--preset", "tiny", "--out", str(tmp_path / "r")]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # argparse's own error: also one usage line and exit 2
+        main(["train", "clip", "--preset", "huge"])
+    assert exc.value.code == 2
+
+
+def test_cli_data_preview_with_a_too_small_image_exits_2(tmp_path, capsys):
+    from minivl.__main__ import main
+    assert main(["data", "preview", "--image-size", "3", "--out", str(tmp_path / "g.png")]) == 2
+    captured = capsys.readouterr()
+    assert "image_size" in captured.out + captured.err
+
+
+def test_cli_real_bugs_keep_their_traceback(monkeypatch):
+    import minivl.__main__ as cli
+
+    def bug(parser, args):
+        raise RuntimeError("a bug in minivl")
+    monkeypatch.setattr(cli, "_dispatch", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["bench", "metrics"])

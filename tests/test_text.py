@@ -161,3 +161,33 @@ def test_value_checks_run_where_data_enters_not_on_every_accelerator_forward():
         check_tokens(torch.zeros(1, 17, dtype=torch.long, device="meta"), 300, 16)
     with pytest.raises(ValueError, match=r"\[0, 300\)"):  # ...and values on the CPU, where batches come from
         check_tokens(torch.tensor([[1, 300]]), 300, 16)
+
+
+# ---------------------------------------------------------------------------- validation where data enters
+def test_masks_must_be_0_1_of_the_ids_exact_shape_and_ids_integer_non_empty():
+    enc, ids = _encoder(), _ids(2, 4, 300)
+    with pytest.raises(ValueError, match="only 0 and 1"):  # a 2 would count a position twice
+        enc(ids, torch.tensor([[1, 2, 1, 0], [1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match=r"must match the ids' shape \(2, 4\)"):  # no broadcasting of batch 1
+        enc(ids, torch.ones(1, 4, dtype=torch.long))
+    with pytest.raises(TypeError, match="integer token ids, got torch.bool"):
+        enc(ids.bool())
+    with pytest.raises(ValueError, match="empty"):
+        enc(ids[:, :0])
+    with pytest.raises(ValueError, match="empty"):
+        enc(ids[:0])
+
+
+def test_numpy_ids_are_accepted_as_the_same_tensor():
+    enc, ids = _encoder(), _ids(2, 4, 300)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(ids.numpy()).pooled, enc(ids).pooled)
+
+
+@pytest.mark.parametrize("field, value, error", [
+    ("heads", 3, ValueError), ("depth", -1, ValueError), ("vocab_size", 0, ValueError), ("width", "32", TypeError),
+    ("context_length", True, TypeError), ("dropout", float("nan"), ValueError), ("activation", None, TypeError),
+])
+def test_text_config_rejects_bad_fields(field, value, error):
+    with pytest.raises(error, match=field if field != "heads" else "divisible"):
+        TextConfig.preset("tiny", **{field: value})

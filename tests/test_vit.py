@@ -303,3 +303,43 @@ def test_pooled_class_token_of_the_stack_equals_the_full_forward():
     x = vit.ln_pre(vit.embed(_images(B=3)))  # (B, 1 + N, D)
     pooled = vit.transformer(x, pool_index=0).last_hidden_state  # (B, D): the last block for the class token only
     torch.testing.assert_close(vit.ln_post(pooled), vit(_images(B=3)).pooled, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- validation where data enters
+def test_float64_and_float16_images_are_cast_to_the_weights_dtype():
+    vit, x = _vit(), _images()
+    with torch.no_grad():
+        torch.testing.assert_close(vit(x.double()).pooled, vit(x).pooled)
+        assert vit(x.half()).pooled.dtype == torch.float32
+
+
+@pytest.mark.parametrize("bad, match", [
+    (torch.full((2, 3, 32, 32), float("nan")), "NaN or inf"),
+    (torch.rand(2, 3, 32, 32) * 255, "0..255"),  # a forgotten normalisation: confident garbage otherwise
+    (torch.zeros(0, 3, 32, 32), "empty"),
+])
+def test_bad_image_values_raise(bad, match):
+    with pytest.raises(ValueError, match=match):
+        _vit()(bad)
+
+
+def test_classifier_labels_are_checked():
+    torch.manual_seed(0)
+    clf = ViTClassifier(ViTConfig.preset("tiny", num_classes=3))
+    x = _images(2)
+    with pytest.raises(ValueError, match=r"batch\['label'\] must lie in \[0, 2\]"):
+        clf.loss({"image": x, "label": torch.tensor([0, 3])})
+    with pytest.raises(TypeError, match="integer"):
+        clf.loss({"image": x, "label": torch.tensor([0.0, 1.0])})
+    loss, _ = clf.loss({"image": x, "label": torch.tensor([0, 2], dtype=torch.int32)})  # int32 is fine
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("field, value, error, match", [
+    ("heads", 3, ValueError, "divisible"), ("depth", -1, ValueError, "depth"), ("width", 32.0, TypeError, "width"),
+    ("patch_size", 0, ValueError, "patch_size"), ("mlp_ratio", -1.0, ValueError, "mlp_ratio"),
+    ("num_classes", True, TypeError, "num_classes"),
+])
+def test_vit_config_rejects_bad_fields(field, value, error, match):
+    with pytest.raises(error, match=match):
+        ViTConfig.preset("tiny", **{field: value})

@@ -512,3 +512,63 @@ def test_bad_calls_raise_value_error(world):
     with pytest.raises(ValueError, match="not in the answer vocabulary"):
         world.answer_index("maybe")
     assert set(SPLITS) == set(SPLIT_NAMES)
+
+
+# ---- bad input where it enters: clear errors, never a silently wrong scene ------------------
+def test_scene_accepts_numpy_ints_and_rejects_bools_floats_and_bad_splits(world):
+    assert np.array_equal(world.scene(np.int64(3)).image, world.scene(3).image)
+    assert world.scene(np.int64(3)).index == 3 and type(world.scene(np.int64(3)).index) is int
+    assert len(world.scene(0, n_objects=np.int64(2)).objects) == 2
+    with pytest.raises(TypeError, match="index must be an int"):
+        world.scene(True)  # would silently be scene 1
+    with pytest.raises(TypeError, match="index must be an int"):
+        world.scene(1.0)
+    with pytest.raises(ValueError, match="non-negative"):
+        world.scene(np.int64(-1))
+    with pytest.raises(TypeError, match=r"split must be a string, one of \['train', 'val', 'test', 'heldout'\]"):
+        world.scene(0, ["train"])
+    with pytest.raises(ValueError, match=r"unknown split 'Train'; expected one of \['train'"):
+        world.scene(0, "Train")
+    with pytest.raises(TypeError, match="n_objects must be an int"):
+        world.scene(0, n_objects=True)
+    with pytest.raises(ValueError, match="n_objects"):
+        world.scene(0, n_objects=0)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(image_size=10_000), ValueError, "<= 512"),
+    (dict(image_size=True), TypeError, "image_size must be an int"),
+    (dict(image_size=64.0), TypeError, "image_size must be an int"),
+    (dict(colors=()), ValueError, "need >= 2 distinct colours"),
+    (dict(colors="red"), TypeError, "colors must be a tuple"),
+    (dict(colors=(["red"], "blue")), TypeError, "colors must hold strings"),
+    (dict(max_objects=0), ValueError, "min_objects <= max_objects"),
+    (dict(max_objects=100), ValueError, "does not fit"),
+    (dict(small=float("nan")), ValueError, "0 < small < large"),
+    (dict(large="big"), TypeError, "large must be a float"),
+    (dict(texture=2.5), TypeError, "texture must be an int"),
+    (dict(heldout=(("red", "circle", "x"),)), TypeError, "heldout must hold (colour, shape)"),
+])
+def test_bad_config_fields_name_the_field(kwargs, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        WorldConfig(**kwargs)
+
+
+def test_config_numpy_ints_are_ints_and_change_nothing():
+    assert World(WorldConfig(image_size=np.int64(64), seed=np.int64(0))).fingerprint() == World().fingerprint()
+
+
+def test_text_needs_a_scene_of_this_world(world):
+    with pytest.raises(TypeError, match="scene must be a minivl.world.Scene"):
+        world.captions(None)
+    with pytest.raises(TypeError, match="scene must be"):
+        world.class_index({"objects": []})
+    small = World(image_size=32, max_objects=2).scene(0)
+    with pytest.raises(ValueError, match=r"scene.image must be \(64, 64, 3\)"):
+        world.questions(small)  # region words of a 32 px scene on a 64 px canvas would be wrong
+    with pytest.raises(TypeError, match="answer must be a string"):
+        world.answer_index(["yes"])
+    with pytest.raises(TypeError, match="shape must be a string"):
+        shape_mask(["circle"], 9)
+    with pytest.raises(ValueError, match="side"):
+        shape_mask("circle", 0)

@@ -56,11 +56,7 @@ def main(args) -> int:
     for name, default in (("action", "bench"), ("image_size", 64), ("n", None), ("split", "train")):
         if not hasattr(args, name):
             setattr(args, name, default)
-    try:
-        world = World(WorldConfig(image_size=args.image_size))
-    except ValueError as e:
-        print(f"error: {e}")
-        return 2
+    world = World(WorldConfig(image_size=args.image_size))  # bad sizes: ValueError, one line from the CLI
     if args.action == "bench":
         n = args.n or 3000
         where = _one_core()
@@ -74,5 +70,4 @@ def main(args) -> int:
         path = preview(world, args.n or 12, args.split, args.out)
         print(f"wrote {path}")
         return 0
-    print(f"error: unknown action {args.action!r}")
-    return 2
+    raise ValueError(f"unknown action {args.action!r}: choose bench or preview")

@@ -17,6 +17,7 @@ import re
 import torch
 import torch.nn.functional as F
 
+from minivl import validate
 from minivl.metrics import confusion_matrix, retrieval_metrics, topk_accuracy
 
 # Prompt templates in the voice of Shapes World captions ("a large red circle", "there is one
@@ -36,8 +37,9 @@ def _device(model) -> torch.device:
 @torch.no_grad()
 def encode_images(model, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Images (N, 3, H, W) -> L2-normalised float32 embeddings (N, E), in batches, no gradients."""
-    if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        raise ValueError(f"images must be a (N, 3, H, W) tensor, got {getattr(images, 'shape', type(images))}")
+    images = validate.tensor("images", images, shape=("N", 3, "H", "W"), kind="float", numpy=False,
+                             hint="use minivl.clip.Preprocess on each image and torch.stack")
+    batch_size = validate.positive_int("batch_size", batch_size)
     dev = _device(model)
     feats = [model.encode_image(images[i:i + batch_size].to(dev)).float() for i in range(0, len(images), batch_size)]
     return F.normalize(torch.cat(feats), dim=-1)  # (N, E)
@@ -48,6 +50,7 @@ def encode_texts(model, texts: list[str], tokenizer=None, batch_size: int = 256)
     """Strings -> L2-normalised float32 embeddings (N, E). Uses `model.tokenizer` unless given one."""
     if isinstance(texts, str) or not isinstance(texts, (list, tuple)) or not texts:
         raise TypeError(f"texts must be a non-empty list of str, got {type(texts).__name__}")
+    batch_size = validate.positive_int("batch_size", batch_size)
     if tokenizer is None:
         tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
@@ -68,8 +71,8 @@ def ensemble_class_embeddings(text_features: torch.Tensor) -> torch.Tensor:
 
     Prompt ensembling: normalise each template's embedding, average over templates, renormalise.
     """
-    if not isinstance(text_features, torch.Tensor) or text_features.dim() != 3:
-        raise ValueError(f"text_features must be (C, K, E), got {getattr(text_features, 'shape', type(text_features))}")
+    # empty (K = 0 templates) is rejected: the mean of nothing is NaN, a classifier that says nothing
+    text_features = validate.tensor("text_features", text_features, shape=("C", "K", "E"), kind="float", finite=True)
     mean = F.normalize(text_features.float(), dim=-1).mean(1)  # (C, E)
     return F.normalize(mean, dim=-1)
 
@@ -77,11 +80,22 @@ def ensemble_class_embeddings(text_features: torch.Tensor) -> torch.Tensor:
 def zero_shot_logits(image_features: torch.Tensor, class_embeddings: torch.Tensor,
                      scale: float | torch.Tensor = 100.0) -> torch.Tensor:
     """scale * cos(image, class): (N, E) x (C, E) -> (N, C). Softmax over C gives probabilities."""
-    if image_features.dim() != 2 or class_embeddings.dim() != 2 or image_features.shape[1] != class_embeddings.shape[1]:
+    image_features = validate.tensor("image_features", image_features, shape=("N", "E"), kind="float", finite=True)
+    class_embeddings = validate.tensor("class_embeddings", class_embeddings, shape=("C", "E"), kind="float",
+                                       finite=True)
+    scale = _scale(scale)
+    if image_features.shape[1] != class_embeddings.shape[1]:
         raise ValueError(f"need (N, E) image features and (C, E) class embeddings, got "
                          f"{tuple(image_features.shape)} and {tuple(class_embeddings.shape)}")
     img = F.normalize(image_features.float(), dim=-1)
     return scale * img @ F.normalize(class_embeddings.float(), dim=-1).T  # (N, C)
+
+
+def _scale(scale):
+    """A positive finite logit scale; a negative one would rank every class backwards, silently."""
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1 and not validate.on_cpu(scale):
+        return scale  # the model's own, on an accelerator: reading it back would be a host sync
+    return validate.real("scale", scale, 0, low_open=True)
 
 
 def zero_shot_predict(image_features: torch.Tensor, class_embeddings: torch.Tensor,
@@ -97,10 +111,13 @@ class ZeroShotClassifier:
     """
 
     def __init__(self, model, classnames: list[str], templates=SHAPES_TEMPLATES, tokenizer=None) -> None:
-        if isinstance(classnames, str) or not classnames or not all(isinstance(c, str) for c in classnames):
+        if (not isinstance(classnames, (list, tuple)) or not classnames
+                or not all(isinstance(c, str) for c in classnames)):
             raise TypeError(f"classnames must be a non-empty list of str, got {classnames!r}")
-        if isinstance(templates, str) or not templates or not all("{}" in t for t in templates):
-            raise ValueError(f"templates must be a list of strings with a '{{}}' slot, got {templates!r}")
+        if isinstance(templates, str) or not isinstance(templates, (list, tuple)) or not templates:
+            raise ValueError(f"templates must be a non-empty list of strings with a '{{}}' slot, got {templates!r}")
+        if not all(isinstance(t, str) and "{}" in t for t in templates):
+            raise ValueError(f"templates must be strings with a '{{}}' slot, got {templates!r}")
         self.model, self.classnames, self.templates = model, list(classnames), list(templates)
         self.prompts = [[fix_articles(t.format(c)) for t in self.templates] for c in self.classnames]
         flat = encode_texts(model, [p for row in self.prompts for p in row], tokenizer)  # (C*K, E)
@@ -124,20 +141,41 @@ def zero_shot_eval(image_features: torch.Tensor, labels, class_embeddings: torch
                    ks=(1, 5)) -> dict:
     """Top-k accuracy and the confusion matrix (C, C) of the zero-shot classifier on given features."""
     logits = zero_shot_logits(image_features, class_embeddings)
-    labels = torch.as_tensor(labels, device=logits.device)
+    labels = _labels("labels", labels, logits.shape[0], logits.shape[1]).to(logits.device)
+    ks = _ks(ks)
     out = topk_accuracy(logits, labels, ks=tuple(k for k in ks if k <= logits.shape[1]))
     out["confusion"] = confusion_matrix(logits.argmax(-1), labels, logits.shape[1])
     return out
 
 
+def _labels(name: str, labels, n: int, num_classes: int | None = None) -> torch.Tensor:
+    """n integer class ids (a tensor, numpy array or list) in [0, num_classes)."""
+    if isinstance(labels, (list, tuple)):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
+            raise TypeError(f"{name} must be a list of ints, got {labels!r:.80}")
+        labels = torch.tensor(labels, dtype=torch.long)
+    high = None if num_classes is None else num_classes - 1
+    return validate.tensor(name, labels, shape=(n,), kind="int", low=0, high=high).long()
+
+
+def _ks(ks) -> tuple[int, ...]:
+    if isinstance(ks, (str, bytes)) or not isinstance(ks, (list, tuple)) or not ks:
+        raise TypeError(f"ks must be a non-empty tuple of ints >= 1, got {ks!r}")
+    return tuple(validate.positive_int("ks[i]", k) for k in ks)
+
+
 def retrieval_eval(image_features: torch.Tensor, text_features: torch.Tensor, positives,
                    ks=(1, 5, 10)) -> dict[str, float]:
     """Recall@K and median rank both ways; `positives[i, j]` is True when text j describes image i."""
-    if image_features.dim() != 2 or text_features.dim() != 2 or image_features.shape[1] != text_features.shape[1]:
+    image_features = validate.tensor("image_features", image_features, shape=("N", "E"), kind="float", finite=True)
+    text_features = validate.tensor("text_features", text_features, shape=("M", "E"), kind="float", finite=True)
+    if image_features.shape[1] != text_features.shape[1]:
         raise ValueError(f"need (N, E) image and (M, E) text features, got "
                          f"{tuple(image_features.shape)} and {tuple(text_features.shape)}")
+    shape = (image_features.shape[0], text_features.shape[0])
+    positives = validate.tensor("positives", positives, shape=shape, kind="bool")
     sim = F.normalize(image_features.float(), dim=-1) @ F.normalize(text_features.float(), dim=-1).T  # (N, M)
-    return retrieval_metrics(sim.cpu(), torch.as_tensor(positives).cpu(), ks=ks)
+    return retrieval_metrics(sim.cpu(), positives.cpu(), ks=_ks(ks))
 
 
 def linear_probe(train_features: torch.Tensor, train_labels, test_features: torch.Tensor, test_labels,
@@ -147,11 +185,18 @@ def linear_probe(train_features: torch.Tensor, train_labels, test_features: torc
     Features are standardised with the training set's statistics; `l2` penalises the weights.
     Returns dict(train_acc, test_acc, weight (C, E), bias (C,), mean, std).
     """
-    x, xt = train_features.float().cpu(), test_features.float().cpu()
-    y, yt = torch.as_tensor(train_labels).long().cpu(), torch.as_tensor(test_labels).long().cpu()
-    if x.dim() != 2 or xt.dim() != 2 or x.shape[1] != xt.shape[1] or len(x) != len(y) or len(xt) != len(yt):
-        raise ValueError(f"need features (N, E) with N labels for train and test, got {tuple(x.shape)}, "
-                         f"{tuple(y.shape)}, {tuple(xt.shape)}, {tuple(yt.shape)}")
+    x = validate.tensor("train_features", train_features, shape=("N", "E"), kind="float").float().cpu()
+    xt = validate.tensor("test_features", test_features, shape=("N", "E"), kind="float").float().cpu()
+    for name, f in (("train_features", x), ("test_features", xt)):  # now on the CPU: values are free to read
+        validate.tensor(name, f, finite=True)
+    if x.shape[1] != xt.shape[1]:
+        raise ValueError(f"train and test features must have the same width E, got {tuple(x.shape)}, {tuple(xt.shape)}")
+    if num_classes is not None:
+        num_classes = validate.positive_int("num_classes", num_classes)
+    y = _labels("train_labels", train_labels, len(x), num_classes).cpu()
+    yt = _labels("test_labels", test_labels, len(xt), num_classes).cpu()
+    l2 = validate.real("l2", l2, 0)
+    max_iter = validate.positive_int("max_iter", max_iter)
     C = num_classes or int(max(y.max(), yt.max())) + 1
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
     x, xt = (x - mean) / std, (xt - mean) / std

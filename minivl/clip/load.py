@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import minivl
+from minivl import validate
 from minivl.checkpoint import checkpoints_dir, save_model
 from minivl.clip.model import CLIP, CONTEXT_LENGTH
 from minivl.data import world_tokenizer
@@ -33,6 +34,8 @@ def tokenize(texts: str | list[str], context_length: int = CONTEXT_LENGTH, trunc
     `tokenizer=model.tokenizer` to use the one saved with a checkpoint (they are the same file
     for checkpoints trained by `minivl.recipes.clip`).
     """
+    context_length = validate.positive_int("context_length", context_length)
+    truncate = validate.boolean("truncate", truncate)
     if tokenizer is None:
         tokenizer = world_tokenizer()
     return tokenizer(texts, context_length=context_length, truncate=truncate)["input_ids"]  # (B, T)
@@ -46,7 +49,7 @@ class Preprocess:
     """
 
     def __init__(self, image_size: int) -> None:
-        self.image_size = image_size
+        self.image_size = validate.positive_int("image_size", image_size)
 
     def __repr__(self) -> str:
         return f"Preprocess(image_size={self.image_size}, range=[-1, 1])"
@@ -60,8 +63,8 @@ class Preprocess:
             if image.dtype.name != "uint8" or image.ndim != 3 or image.shape[2] != 3:
                 raise ValueError(f"numpy images must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
             image = torch.from_numpy(image.copy())
-        if image.dim() != 3 or 3 not in (image.shape[0], image.shape[-1]):
-            raise ValueError(f"image tensors must be (H, W, 3) or (3, H, W), got {tuple(image.shape)}")
+        if image.dim() != 3 or 3 not in (image.shape[0], image.shape[-1]) or image.numel() == 0:
+            raise ValueError(f"image tensors must be (H, W, 3) or (3, H, W), non-empty, got {tuple(image.shape)}")
         if image.dtype == torch.uint8:
             if image.shape[-1] == 3 and image.shape[0] != 3:
                 image = image.permute(2, 0, 1)  # (3, H, W)
@@ -69,6 +72,8 @@ class Preprocess:
         elif image.is_floating_point():
             if image.shape[0] != 3:
                 raise ValueError(f"float image tensors must be (3, H, W), got {tuple(image.shape)}")
+            if not torch.isfinite(image).all():  # NaN compares False both ways: the range test misses it
+                raise ValueError("float image tensors must be finite, got NaN or inf pixels")
             if image.min() < 0 or image.max() > 1:
                 raise ValueError(f"float image tensors must lie in [0, 1], got [{image.min():.3g}, {image.max():.3g}]")
             x = image.float()

@@ -27,15 +27,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minivl import distributed
+from minivl import distributed, validate
 from minivl.checkpoint import Checkpointable
 from minivl.data import world_tokenizer
 from minivl.tokenizer import Tokenizer
-from minivl.text import TextConfig, TextEncoder, last_token_index
+from minivl.text import TextConfig, TextEncoder, check_tokens, last_token_index
 from minivl.vit import ViTConfig, VisionTransformer
 
 CONTEXT_LENGTH = 40  # tokens per text for every CLIP preset (OpenAI's CLIP: 77); Shapes World captions fit
@@ -74,6 +75,13 @@ class CLIPConfig:
             self.vision = ViTConfig(**self.vision)
         if isinstance(self.text, dict):
             self.text = TextConfig(**self.text)
+        if not isinstance(self.vision, ViTConfig) or not isinstance(self.text, TextConfig):
+            raise TypeError(f"CLIPConfig.vision/text must be a ViTConfig/TextConfig (or dict), got "
+                            f"{type(self.vision).__name__}, {type(self.text).__name__}")
+        validate.positive_int("CLIPConfig.embed_dim", self.embed_dim)
+        self.logit_scale_init = validate.real("CLIPConfig.logit_scale_init", self.logit_scale_init, 0, low_open=True)
+        self.logit_scale_max = validate.real("CLIPConfig.logit_scale_max", self.logit_scale_max, 0, low_open=True)
+        validate.vocab_id("CLIPConfig.pad_id", self.pad_id, self.text.vocab_size)
         if not 0 < self.logit_scale_init <= self.logit_scale_max:
             raise ValueError(f"need 0 < logit_scale_init <= logit_scale_max, got "
                              f"{self.logit_scale_init} and {self.logit_scale_max}")
@@ -101,11 +109,19 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     must be True). Targets then spread evenly over each row's (column's) positives, so two
     images that both are "a red circle" are not pushed apart as false negatives.
     """
-    if image_features.dim() != 2 or image_features.shape != text_features.shape:
+    image_features = validate.tensor("image_features", image_features, shape=("B", "E"), kind="float", finite=True)
+    text_features = validate.tensor("text_features", text_features, shape=("B", "E"), kind="float", finite=True)
+    if image_features.shape != text_features.shape:
         raise ValueError(f"need image and text features of the same shape (B, E), got "
                          f"{tuple(image_features.shape)} and {tuple(text_features.shape)}")
-    if not torch.is_tensor(temperature) and temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+    if torch.is_tensor(temperature):  # the model's learnable one: keep the graph, check the value on CPU
+        temperature = validate.tensor("temperature", temperature, kind="float")
+        if temperature.numel() != 1:
+            raise ValueError(f"temperature must be a scalar, got shape {tuple(temperature.shape)}")
+        if validate.on_cpu(temperature) and not (torch.isfinite(temperature) & (temperature > 0)).all():
+            raise ValueError(f"temperature must be positive and finite, got {temperature.item()}")
+    else:  # NaN would pass `temperature <= 0` and turn the loss into NaN
+        temperature = validate.real("temperature", temperature, 0, low_open=True)
     image_features = F.normalize(image_features.float(), dim=-1)  # unit vectors: dot = cosine
     text_features = F.normalize(text_features.float(), dim=-1)
     logits = image_features @ text_features.T / temperature  # (B, B), [i, j] = image i vs text j
@@ -113,6 +129,9 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     if positives is None:
         targets = torch.arange(B, device=logits.device)
         return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    positives = validate.tensor("positives", positives)
+    if positives.dtype != torch.bool:  # a float mask of 0.5s would weight targets silently
+        raise TypeError(f"positives must be a bool tensor (B, B), got {positives.dtype}")
     if positives.shape != (B, B) or not positives.diagonal().all():
         raise ValueError(f"positives must be a (B, B) = ({B}, {B}) bool mask with a True diagonal, "
                          f"got shape {tuple(positives.shape)}")
@@ -180,26 +199,37 @@ class CLIP(Checkpointable, nn.Module):
         return self.visual_projection(v.ln_post(pooled))  # (B, E)
 
     def _text_inputs(self, text) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> checked (input_ids, attention_mask). Without a mask it comes from config.pad_id: reading the
+        last slot of a padded row would pool a padding token (a silently wrong embedding)."""
         if isinstance(text, dict):
             if "input_ids" not in text:
                 raise ValueError(f"a text dict needs 'input_ids' (and 'attention_mask'), got keys {sorted(text)}")
-            return text["input_ids"], text.get("attention_mask")
-        if isinstance(text, torch.Tensor):
+            ids, mask = text["input_ids"], text.get("attention_mask")
+        elif isinstance(text, (torch.Tensor, np.ndarray)):
+            ids, mask = text, None
+        else:
+            raise TypeError(f"text must be a (B, T) LongTensor or a dict with input_ids/attention_mask, "
+                            f"got {type(text).__name__}")
+        c = self.config.text
+        ids, mask = check_tokens(ids, c.vocab_size, c.context_length, mask, right_padded=True)
+        if mask is None:
             if self.config.pad_id is None:
-                raise ValueError("a bare (B, T) id tensor needs config.pad_id to find the padding; "
+                raise ValueError("text without an attention_mask needs config.pad_id to find the padding; "
                                  "pass dict(input_ids=..., attention_mask=...) instead")
-            return text, (text != self.config.pad_id).long()
-        raise TypeError(f"text must be a (B, T) LongTensor or a dict with input_ids/attention_mask, "
-                        f"got {type(text).__name__}")
+            mask = (ids != self.config.pad_id).long()  # (B, T)
+            # re-check the derived mask: a pad in the middle or a row of pads only would pool wrongly
+            mask = validate.attention_mask("attention_mask (from config.pad_id)", mask, tuple(ids.shape),
+                                           right_padded=True)
+        return ids, mask
 
     def encode_text(self, text) -> torch.Tensor:
         """Token ids (B, T) - a tensor from `tokenize` or a tokenizer's dict - -> embeddings (B, E).
 
         Equals `text_projection(text(ids, mask).pooled)`, read at the end-of-text token.
         """
-        input_ids, mask = self._text_inputs(text)
+        input_ids, mask = self._text_inputs(text)  # checked: right padding (on CPU, see check_tokens)
         t = self.text
-        x = t.embed(input_ids, mask)  # (B, T, D); checks right padding (on CPU, see check_tokens)
+        x = t._embed(input_ids)  # (B, T, D)
         last = last_token_index(mask, input_ids)  # (B,)
         # Right padding under a causal mask: real tokens never see the pads, so the padding mask
         # changes nothing we read. Leaving it out lets the blocks use the fused causal kernel; the
@@ -239,12 +269,17 @@ class CLIP(Checkpointable, nn.Module):
         enabled), every process's features are gathered first, so each row's negatives are the whole
         global batch and every rank computes the same global loss (`_across_ranks`). In eval mode or
         under no_grad the loss is over this process's rows (an eval_fn on every rank sees one batch)."""
+        if not isinstance(batch, dict):
+            raise TypeError(f"CLIP.loss needs a dict batch, got {type(batch).__name__}")
         for key in ("image", "input_ids"):
             if key not in batch:
                 raise ValueError(f"CLIP.loss needs batch[{key!r}], got keys {sorted(batch)}")
         image_features = self.encode_image(batch["image"])
         text_features = self.encode_text({"input_ids": batch["input_ids"],
                                           "attention_mask": batch.get("attention_mask")})
+        if image_features.shape[0] != text_features.shape[0]:
+            raise ValueError(f"CLIP.loss needs one caption per image: batch['image'] has {image_features.shape[0]} "
+                             f"rows, batch['input_ids'] {text_features.shape[0]}")
         positives = batch.get("positives")
         if self.training and torch.is_grad_enabled() and distributed.world_size() > 1:
             image_features, text_features, positives = _across_ranks(batch, image_features, text_features)

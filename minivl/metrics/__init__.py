@@ -13,7 +13,9 @@ is the standard definition (the formula is in each function's docstring):
 The one idea: a metric is part of the experiment. "BLEU-4" with another brevity penalty or
 "mAP" with 11-point interpolation are different numbers, so each function here matches the
 reference implementation, documents the quirks it reproduces, and is checked against it in
-tests/test_metrics.py. Bad inputs raise ValueError; edge cases have documented values (never NaN).
+tests/test_metrics.py. Bad inputs (wrong shape or type, NaN/inf, inverted boxes, empty where no
+number is meaningful, k out of range) raise ValueError or TypeError naming the argument, checked
+once where they enter (metrics/_checks.py); edge cases have documented values (never NaN).
 """
 from minivl.metrics.boxes import (box_area, box_convert, box_iou, generalized_box_iou,
                                   referring_accuracy)

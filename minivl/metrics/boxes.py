@@ -17,21 +17,20 @@ from __future__ import annotations
 
 import torch
 
+from minivl.metrics._checks import check_real, to_tensor
+
 BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
 
 
 def as_boxes(boxes, name: str = "boxes", fmt: str = "xyxy") -> torch.Tensor:
     """`boxes` as a floating tensor (..., 4), checked: finite, and x2 >= x1, y2 >= y1 (or w, h >= 0).
 
-    Zero-area boxes are allowed; inverted ones raise ValueError, naming the first offender.
+    Zero-area boxes are allowed; inverted ones raise ValueError, naming the first offender
+    (never clamped: a box with x2 < x1 and y2 < y1 would otherwise get a positive area).
     """
-    t = torch.as_tensor(boxes)
-    if not t.is_floating_point():
-        t = t.to(torch.float32)
+    t = to_tensor(boxes, name)  # real, finite; ints -> float32; bool/complex/str rejected
     if t.dim() == 0 or t.shape[-1] != 4:
         raise ValueError(f"{name} must have shape (..., 4), got {tuple(t.shape)}")
-    if not torch.isfinite(t).all():
-        raise ValueError(f"{name} contains NaN or infinite coordinates")
     if fmt == "xyxy":
         size = t[..., 2:] - t[..., :2]  # (..., 2)  w, h
         what = "x2 >= x1 and y2 >= y1"
@@ -49,7 +48,7 @@ def box_convert(boxes, in_fmt: str, out_fmt: str) -> torch.Tensor:
     """Convert (..., 4) boxes between "xyxy" (corners), "xywh" (top-left corner + size, COCO's
     format) and "cxcywh" (centre + size, DETR's and OWL-ViT's regression target)."""
     for fmt in (in_fmt, out_fmt):
-        if fmt not in BOX_FORMATS:
+        if not isinstance(fmt, str) or fmt not in BOX_FORMATS:
             raise ValueError(f"box format must be one of {BOX_FORMATS}, got {fmt!r}")
     b = as_boxes(boxes, fmt=in_fmt)
     if in_fmt == out_fmt:
@@ -66,9 +65,14 @@ def box_convert(boxes, in_fmt: str, out_fmt: str) -> torch.Tensor:
     return b
 
 
-def box_area(boxes: torch.Tensor) -> torch.Tensor:
-    """Area (...,) of xyxy boxes (...,4): (x2 - x1) * (y2 - y1)."""
-    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+def box_area(boxes) -> torch.Tensor:
+    """Area (...,) of xyxy boxes (..., 4): (x2 - x1) * (y2 - y1). Inverted boxes raise ValueError
+    (both sides inverted would multiply to a positive, silently wrong, area)."""
+    return _area(as_boxes(boxes))
+
+
+def _area(b: torch.Tensor) -> torch.Tensor:  # unchecked: for boxes as_boxes has already seen
+    return (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
 
 
 def _safe_divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -86,7 +90,7 @@ def _iou_union(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     bottom_right = torch.minimum(a[..., 2:], b[..., 2:])  # (..., 2)
     wh = (bottom_right - top_left).clamp_min(0)  # (..., 2)
     inter = wh[..., 0] * wh[..., 1]  # (...)
-    union = box_area(a) + box_area(b) - inter  # (...)
+    union = _area(a) + _area(b) - inter  # (...)
     return _safe_divide(inter, union), union
 
 
@@ -109,7 +113,7 @@ def generalized_box_iou(boxes_a, boxes_b) -> torch.Tensor:
     a, b = _pair(boxes_a, boxes_b)
     a, b = a[:, None, :], b[None, :, :]  # (N, 1, 4), (1, M, 4)
     iou, union = _iou_union(a, b)  # (N, M)
-    enclose = box_area(torch.cat([torch.minimum(a[..., :2], b[..., :2]),
+    enclose = _area(torch.cat([torch.minimum(a[..., :2], b[..., :2]),
                                   torch.maximum(a[..., 2:], b[..., 2:])], dim=-1))  # (N, M)
     return iou - _safe_divide(enclose - union, enclose)
 
@@ -134,7 +138,7 @@ def referring_accuracy(pred_boxes, gt_boxes, thresh: float = 0.5) -> float:
                          f"and {tuple(gt.shape)}")
     if pred.shape[0] == 0:
         raise ValueError("referring_accuracy needs at least one expression, got 0 boxes")
-    if not 0.0 < thresh <= 1.0:
+    if not 0.0 < check_real(thresh, "thresh") <= 1.0:
         raise ValueError(f"thresh must be in (0, 1], got {thresh}")
     dtype = torch.promote_types(pred.dtype, gt.dtype)
     iou, _ = _iou_union(pred.to(dtype), gt.to(dtype))  # (N,) paired, not N x N

@@ -20,6 +20,9 @@ import re
 
 import numpy as np
 
+from minivl.metrics._checks import check_int, check_real, check_seq
+
+MAX_N = 10  # longest n-gram order accepted: past it every score is 0 and the tables only grow
 _WORD = re.compile(r"[^\W_]+(?:['-][^\W_]+)*")
 
 
@@ -41,11 +44,14 @@ def _tokens(caption, where: str) -> list[str]:
         return tokenize_caption(caption)
     if isinstance(caption, (list, tuple)) and all(isinstance(w, str) for w in caption):
         return list(caption)
-    raise TypeError(f"{where} must be a string or a list of token strings, got {caption!r:.60}")
+    raise TypeError(f"{where} must be a string or a list of token strings, got {type(caption).__name__} "
+                    f"{caption!r:.60}")
 
 
 def _corpus(candidates, references) -> tuple[list[list[str]], list[list[list[str]]]]:
     """Tokenize and validate: one candidate and a non-empty list of references per image."""
+    # a string is iterable too: scoring its characters as captions would be silently wrong
+    candidates, references = check_seq(candidates, "candidates"), check_seq(references, "references")
     if len(candidates) != len(references):
         raise ValueError(f"need one reference list per candidate, got {len(candidates)} candidates "
                          f"and {len(references)} reference lists")
@@ -54,7 +60,7 @@ def _corpus(candidates, references) -> tuple[list[list[str]], list[list[list[str
     cands = [_tokens(c, f"candidates[{i}]") for i, c in enumerate(candidates)]
     refs = []
     for i, rs in enumerate(references):
-        if isinstance(rs, str) or len(rs) == 0:
+        if not isinstance(rs, (list, tuple)) or len(rs) == 0:
             raise ValueError(f"references[{i}] must be a non-empty list of captions, got {rs!r:.60}")
         refs.append([_tokens(r, f"references[{i}][{j}]") for j, r in enumerate(rs)])
     return cands, refs
@@ -125,8 +131,7 @@ def bleu(candidates, references, n: int = 4) -> dict[str, float]:
     Defined values: BLEU-n = 0 when some p_k (k <= n) is 0. pycocoevalcap instead adds 1e-15 /
     1e-9 to every count, reporting a tiny positive number (~1e-4..1e-3 for BLEU-4) there.
     """
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    n = check_int(n, "n", 1, MAX_N)
     cands, refs = _corpus(candidates, references)
     N = len(cands)
     sent, gram, order, count, image, ref_img, lengths, G = _table(cands, refs, n)
@@ -174,6 +179,9 @@ def cider_d_scores(candidates, references, n: int = 4, sigma: float = 6.0) -> np
     pycocoevalcap measures length as the number of bigrams (len - 1, or 0); the penalty differs
     only when a sentence is empty, where the cosine is 0 anyway, so the scores are equal.
     """
+    n = check_int(n, "n", 1, MAX_N)
+    if check_real(sigma, "sigma") <= 0:
+        raise ValueError(f"sigma (the length penalty's width) must be > 0, got {sigma}")
     cands, refs = _corpus(candidates, references)
     N = len(cands)
     if N < 2:

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import torch
 
+from minivl.metrics._checks import check_int, check_ks, to_tensor
 
-def _targets(targets, n: int, num_classes: int, name: str = "targets") -> torch.Tensor:
-    t = torch.as_tensor(targets)
+
+def _targets(targets, n: int, num_classes: int, name: str = "targets", per: str = "row of logits") -> torch.Tensor:
+    t = to_tensor(targets, name, kind="any")
     t = t.long() if t.numel() == 0 and t.dim() == 1 else t  # [] arrives as float32
     if t.dim() != 1 or len(t) != n:
-        raise ValueError(f"{name} must be a 1-D tensor of length {n}, got shape {tuple(t.shape)}")
+        raise ValueError(f"{name} must be a 1-D tensor of length {n} (one per {per}), got shape {tuple(t.shape)}")
     if t.is_floating_point() or t.dtype == torch.bool:
         raise ValueError(f"{name} must hold integer class indices, got dtype {t.dtype}")
     if n and (t.min() < 0 or t.max() >= num_classes):
@@ -34,18 +36,12 @@ def topk_accuracy(logits, targets, ks=(1, 5)) -> dict[str, float]:
     top-k = (1/N) * sum_i [ #{c != y_i : logit_ic >= logit_iy_i} < k ]
     logits: (N, C) scores (any monotone transform: probabilities work too); targets: (N,) ints.
     """
-    x = torch.as_tensor(logits)
-    if x.dim() != 2 or x.shape[0] == 0:
+    x = to_tensor(logits, "logits")
+    if x.dim() != 2 or x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"logits must be a non-empty (N, C) matrix, got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        x = x.double()
-    if not torch.isfinite(x).all():
-        raise ValueError("logits contain NaN or infinite values")
     N, C = x.shape
     y = _targets(targets, N, C).to(x.device)
-    ks = tuple(ks)
-    if not ks or not all(isinstance(k, int) and 1 <= k <= C for k in ks):
-        raise ValueError(f"ks must be ints in [1, {C}] (the number of classes), got {ks}")
+    ks = check_ks(ks, "ks", hi=C)  # k > C would be a trivially perfect score
     target_score = x.gather(1, y[:, None])  # (N, 1)
     rivals = (x >= target_score).sum(1) - 1  # (N,) other classes scoring at least as high
     return {f"top{k}": (rivals < k).double().mean().item() for k in ks}
@@ -57,12 +53,11 @@ def confusion_matrix(preds, targets, num_classes: int) -> torch.Tensor:
     Rows are the truth, columns the prediction; the diagonal holds the correct ones, so
     accuracy = trace / sum and per-class recall = diagonal / row sums. Empty inputs give zeros.
     """
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    p = torch.as_tensor(preds)
+    num_classes = check_int(num_classes, "num_classes", 1)
+    p = to_tensor(preds, "preds", kind="any")
     if p.dim() != 1:
         raise ValueError(f"preds must be a 1-D tensor of class indices, got shape {tuple(p.shape)}")
-    p = _targets(p, len(p), num_classes, name="preds")
-    t = _targets(targets, len(p), num_classes).to(p.device)
+    p = _targets(p, len(p), num_classes, name="preds", per="prediction")
+    t = _targets(targets, len(p), num_classes, per="entry of preds").to(p.device)
     flat = t * num_classes + p  # one bin per (true, predicted) pair
     return torch.bincount(flat, minlength=num_classes**2).reshape(num_classes, num_classes)

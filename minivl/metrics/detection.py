@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from minivl.metrics._checks import check_int, check_real, check_seq, to_tensor
 from minivl.metrics.boxes import _iou_union, as_boxes
 
 COCO_IOU_THRESHOLDS = tuple(np.linspace(0.5, 0.95, 10).tolist())
@@ -46,16 +47,20 @@ def average_precision(predictions: list[dict], ground_truths: list[dict],
     "mAP@0.5": float, "mAP@[.5:.95]": float}. Classes without ground truth are absent.
     Raises ValueError when there is no ground-truth box at all (AP would be undefined).
     """
+    predictions, ground_truths = check_seq(predictions, "predictions"), check_seq(ground_truths, "ground_truths")
     if len(predictions) != len(ground_truths):
         raise ValueError(f"predictions and ground_truths must list the same images, got "
                          f"{len(predictions)} and {len(ground_truths)}")
     if len(ground_truths) == 0:
         raise ValueError("average_precision needs at least one image, got 0")
-    user_t = [float(t) for t in iou_thresholds]
+    if isinstance(iou_thresholds, (int, float)):  # one threshold is fine; a string is not
+        iou_thresholds = [iou_thresholds]
+    user_t = [check_real(t, "iou_thresholds entry") for t in check_seq(iou_thresholds, "iou_thresholds")]
     if not user_t or not all(0.0 < t <= 1.0 for t in user_t):
         raise ValueError(f"iou_thresholds must be a non-empty list of values in (0, 1], got {user_t}")
-    if max_detections is not None and max_detections < 1:
-        raise ValueError(f"max_detections must be >= 1 or None, got {max_detections}")
+    if max_detections is not None:
+        # above any count an image can hold it means "all" (and must still fit an int64 compare)
+        max_detections = min(check_int(max_detections, "max_detections (or None)", 1), 1 << 62)
     thresholds = sorted(set(user_t) | {0.5})
     det_img, det_box, det_score, det_label = _flatten(predictions, "predictions", with_scores=True)
     gt_img, gt_box, _, gt_label = _flatten(ground_truths, "ground_truths", with_scores=False)
@@ -187,13 +192,13 @@ def _flatten(per_image: list[dict], name: str, with_scores: bool):
     for i, item in enumerate(per_image):
         if not isinstance(item, dict) or any(k not in item for k in keys):
             raise ValueError(f"{name}[{i}] must be a dict with keys {keys}, got {item!r:.80}")
-        b = torch.as_tensor(item["boxes"])
+        b = to_tensor(item["boxes"], f"{name}[{i}]['boxes']", kind="any")  # finiteness: below, once
+        if b.dtype == torch.bool:
+            raise TypeError(f"{name}[{i}]['boxes'] must hold numbers, got dtype torch.bool")
         b = (b.reshape(0, 4) if b.numel() == 0 else b).double()
-        lab = torch.as_tensor(item["labels"]).reshape(-1)
-        lab = lab.long() if lab.numel() == 0 else lab  # [] arrives as float32
-        if lab.is_floating_point() or lab.dtype == torch.bool:
-            raise ValueError(f"{name}[{i}]['labels'] must be integers, got {lab.dtype}")
-        s = torch.as_tensor(item["scores"]).double().reshape(-1) if with_scores else torch.zeros(len(lab))
+        lab = to_tensor(item["labels"], f"{name}[{i}]['labels']", kind="int").reshape(-1)
+        s = (to_tensor(item["scores"], f"{name}[{i}]['scores']", kind="any").double().reshape(-1)
+             if with_scores else torch.zeros(len(lab)))
         if b.dim() != 2 or b.shape[1] != 4 or not (len(b) == len(lab) == len(s)):
             raise ValueError(f"{name}[{i}]: boxes {tuple(b.shape)}, labels {tuple(lab.shape)}"
                              + (f" and scores {tuple(s.shape)}" if with_scores else "")

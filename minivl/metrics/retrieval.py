@@ -17,12 +17,38 @@ from __future__ import annotations
 
 import torch
 
+from minivl.metrics._checks import check_ks, to_tensor
 
-def first_positive_rank(similarity: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+
+def _inputs(similarity, positives) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked (Q, K) similarity (real, finite) and positives (bool, or 0/1 integers)."""
+    sim = to_tensor(similarity, "similarity")
+    pos = to_tensor(positives, "positives", kind="any")
+    if sim.dim() != 2 or sim.shape[0] == 0 or sim.shape[1] == 0:
+        raise ValueError(f"similarity must be a non-empty (N_img, N_txt) matrix, got {tuple(sim.shape)}")
+    if pos.shape != sim.shape:
+        raise ValueError(f"positives must have the similarity's shape {tuple(sim.shape)}, got {tuple(pos.shape)}")
+    if pos.dtype != torch.bool:
+        if pos.is_floating_point() or not ((pos == 0) | (pos == 1)).all():
+            raise ValueError(f"positives must be a bool (or 0/1 integer) mask, got dtype {pos.dtype}")
+        pos = pos.bool()
+    return sim, pos.to(sim.device)
+
+
+def first_positive_rank(similarity, positives) -> torch.Tensor:
     """Rank (1 = best) of the highest-scoring positive in each row (Q,), from (Q, K) inputs.
 
     rank_q = 1 + #{negatives j : s_qj >= max_{p positive} s_qp}
+    A row without any positive has no rank: ValueError.
     """
+    similarity, positives = _inputs(similarity, positives)
+    empty = ~positives.any(1)
+    if empty.any():
+        raise ValueError(f"row {empty.nonzero()[0].item()} of positives has no True entry: its rank is undefined")
+    return _ranks(similarity, positives)
+
+
+def _ranks(similarity: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:  # inputs checked
     best_positive = torch.where(positives, similarity, torch.full_like(similarity, -torch.inf)).amax(1)  # (Q,)
     beaten_by = (similarity >= best_positive[:, None]) & ~positives  # (Q, K)
     return beaten_by.sum(1) + 1
@@ -38,23 +64,8 @@ def retrieval_metrics(similarity, positives, ks=(1, 5, 10)) -> dict[str, float]:
         R@K = (1/Q) * sum_q [rank_q <= K]; median_rank is the usual median (the mean of the two
         middle ranks for an even count).
     """
-    sim = torch.as_tensor(similarity)
-    pos = torch.as_tensor(positives)
-    if sim.dim() != 2 or sim.shape[0] == 0 or sim.shape[1] == 0:
-        raise ValueError(f"similarity must be a non-empty (N_img, N_txt) matrix, got {tuple(sim.shape)}")
-    if pos.shape != sim.shape:
-        raise ValueError(f"positives must have the similarity's shape {tuple(sim.shape)}, got {tuple(pos.shape)}")
-    if pos.dtype != torch.bool:
-        if pos.is_floating_point() or not ((pos == 0) | (pos == 1)).all():
-            raise ValueError(f"positives must be a bool (or 0/1 integer) mask, got dtype {pos.dtype}")
-        pos = pos.bool()
-    if not sim.is_floating_point():
-        sim = sim.double()
-    if not torch.isfinite(sim).all():
-        raise ValueError("similarity contains NaN or infinite values")
-    ks = tuple(ks)
-    if not ks or not all(isinstance(k, int) and k >= 1 for k in ks):
-        raise ValueError(f"ks must be positive ints, got {ks}")
+    sim, pos = _inputs(similarity, positives)
+    ks = check_ks(ks, "ks")
     for name, mask, axis in (("image", pos, 1), ("text", pos, 0)):
         empty = ~mask.any(axis)
         if empty.any():
@@ -62,7 +73,7 @@ def retrieval_metrics(similarity, positives, ks=(1, 5, 10)) -> dict[str, float]:
                              f"{'text' if name == 'image' else 'image'}: its rank is undefined")
 
     out = {}
-    ranks = {"i2t": first_positive_rank(sim, pos), "t2i": first_positive_rank(sim.T, pos.T)}
+    ranks = {"i2t": _ranks(sim, pos), "t2i": _ranks(sim.T, pos.T)}
     for direction, r in ranks.items():
         for k in ks:
             out[f"{direction}_R@{k}"] = (r <= k).double().mean().item()

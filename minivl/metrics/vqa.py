@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import re
 
+from minivl.metrics._checks import check_seq
+
 _PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<",
           "@", "`", ",", "?", "!"]
 _PERIOD = re.compile(r"\.(?!\d)")
@@ -78,13 +80,16 @@ def normalize_answer(answer: str) -> str:
 
 
 def _check_lengths(predictions, answers, what: str) -> None:
-    if isinstance(predictions, str) or isinstance(answers, str):
-        raise TypeError("predictions and answers must be lists (one entry per question), not a string")
+    # check_seq: a string would be scored character by character, a dict by its keys
+    predictions, answers = check_seq(predictions, "predictions"), check_seq(answers, f"{what}s")
     if len(predictions) != len(answers):
         raise ValueError(f"need one {what} per prediction, got {len(predictions)} predictions "
                          f"and {len(answers)} {what}s")
     if len(predictions) == 0:
         raise ValueError("no questions to score (empty predictions)")
+    for i, p in enumerate(predictions):
+        if not isinstance(p, str):
+            raise TypeError(f"predictions[{i}] must be an answer string, got {type(p).__name__} {p!r:.40}")
 
 
 def vqa_scores(predictions: list[str], answers_lists: list[list[str]]) -> list[float]:
@@ -95,7 +100,7 @@ def vqa_scores(predictions: list[str], answers_lists: list[list[str]]) -> list[f
     _check_lengths(predictions, answers_lists, "annotator answer list")
     scores = []
     for q, (pred, answers) in enumerate(zip(predictions, answers_lists)):
-        if isinstance(answers, str) or len(answers) < 2:
+        if not isinstance(answers, (list, tuple)) or len(answers) < 2:
             raise ValueError(f"answers_lists[{q}] must list the annotators' answers (10 in VQA, at "
                              f"least 2 for leave-one-out), got {answers!r:.60}; use exact_match "
                              f"for single-answer data")
@@ -117,6 +122,8 @@ def vqa_accuracy(predictions: list[str], answers_lists: list[list[str]]) -> floa
 def exact_match(predictions: list[str], answers: list[str], normalize: bool = True) -> float:
     """Fraction of predictions equal to the single reference answer (after `normalize_answer`)."""
     _check_lengths(predictions, answers, "answer")
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
     clean = normalize_answer if normalize else _as_str
     return sum(clean(p) == clean(a) for p, a in zip(predictions, answers)) / len(predictions)
 
@@ -134,11 +141,13 @@ def accuracy_by_type(predictions: list[str], answers: list, types: list[str]) ->
     question (VQA accuracy). "overall" is the mean over questions, not over types.
     """
     _check_lengths(predictions, types, "question type")
+    _check_lengths(predictions, answers, "answer")
     multi = [not isinstance(a, str) for a in answers]
-    if len(answers) != len(predictions):
-        _check_lengths(predictions, answers, "answer")
     if any(multi) and not all(multi):
         raise ValueError("answers must be all strings (exact match) or all lists (VQA accuracy)")
+    for i, t in enumerate(types):
+        if not isinstance(t, str):
+            raise TypeError(f"types[{i}] must be a question-type string, got {type(t).__name__} {t!r:.40}")
     if "overall" in types:
         raise ValueError('"overall" is reserved for the total; rename that question type')
     if all(multi):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -28,8 +27,8 @@ import numpy as np
 import torch
 
 import minivl
-from minivl.checkpoint import CONFIG, checkpoints_dir, load_model, write_json
-from minivl.train import History, TrainConfig, Trainer
+from minivl.checkpoint import CONFIG, checkpoints_dir, load_model, read_json, resolve, write_json
+from minivl.train import History, TrainConfig, Trainer, checkpoint_progress
 
 
 @dataclass(frozen=True)
@@ -129,32 +128,70 @@ def tokenize_batch(tokenizer, texts: list[str], context_length: int) -> dict:
 
 # ---------------------------------------------------------------- running, timing, writing down
 def fit(model, batches, recipe: Recipe, *, seed: int, progress: bool, bf16: bool, device, run_dir: Path,
-        eval_fn=None) -> tuple[Trainer, History, dict]:
+        eval_fn=None, resume: bool = False, force: bool = False) -> tuple[Trainer, History, dict]:
     """Train `model` on `batches` by the recipe, checkpointing into the run folder; -> (trainer, history,
-    timing). The model comes back in eval mode, ready for the final evaluation."""
+    timing). The model comes back in eval mode, ready for the final evaluation.
+
+    resume: go on from the training checkpoint in the run folder (`resume_from`). force: start afresh
+    even where that replaces an interrupted or longer run there; without it such a run is refused."""
+    resume_from = resume_point(run_dir, recipe.steps, resume, force)
     trainer = Trainer(model, batches, train_config(recipe, seed, progress, bf16), eval_fn=eval_fn,
                       out_dir=run_dir, device=device)
-    history, timing = timed_fit(trainer)
+    history, timing = timed_fit(trainer, resume_from)
     model.eval()
     return trainer, history, timing
+
+
+def resume_point(run_dir: Path, steps: int, resume: bool, force: bool = False) -> Path | None:
+    """The checkpoint to resume from (resume=True), or None to start afresh once that loses nothing.
+
+    Starting afresh over the run folder's training checkpoint is refused when that run is unfinished
+    (resume it instead) or went further than `steps` (its final model would be replaced by a shorter
+    one). Over a finished run of at most `steps` it is allowed: the same command trains the same run
+    again, and data/checkpoints/<name> is replaced, atomically, only when the new run has finished."""
+    if resume and force:
+        raise ValueError("resume=True continues the run in the folder, force=True replaces it: choose one")
+    checkpoint = Path(run_dir) / "checkpoint"
+    progress = checkpoint_progress(checkpoint)
+    if resume:
+        if progress is None:
+            raise FileNotFoundError(f"nothing to resume: {checkpoint} holds no training checkpoint (no "
+                                    "train_state.json); run without --resume to start the run")
+        return checkpoint
+    if progress is None or force:
+        return None
+    step, total = progress
+    if step < total:
+        raise ValueError(f"{checkpoint} holds a run interrupted at step {step} of {total}; starting afresh would "
+                         f"overwrite it. Continue it with --resume (resume=True; --steps N to train longer), or "
+                         f"start afresh with --force (force=True), with --out DIR, or after moving {run_dir} away")
+    if step > steps:
+        raise ValueError(f"{checkpoint} holds a finished run of {step} steps, more than the {steps} asked for; a "
+                         f"fresh run would replace its model with a shorter one. Do that with --force (force=True), "
+                         f"or keep it: use --out DIR, or move {run_dir} away first")
+    print(f"{checkpoint} holds a finished run of {step} steps: training again from scratch "
+          "(--resume continues it instead)")
+    return None
 
 
 def run_record(preset: str, recipe: Recipe, trainer: Trainer, history: History, timing: dict, *, config,
                world, checkpoint: Path, run_dir: Path) -> dict:
     """The fields every family's metrics.json shares: what ran, how long, where it went."""
     return {"preset": preset, "steps": recipe.steps, **timing,
-            "train_images_per_s": recipe.steps * recipe.batch_size / timing["train_seconds"],
+            "train_images_per_s": timing["steps_trained"] * recipe.batch_size / timing["train_seconds"],
             "final_loss": history.train[-1]["loss"] if history.train else None,
             "device": str(trainer.device), "bf16": trainer.bf16, "checkpoint": str(checkpoint), "run_dir": str(run_dir),
             "recipe": dataclasses.asdict(recipe), "config": dataclasses.asdict(config), "world_version": world.version}
 
 
-def timed_fit(trainer: Trainer) -> tuple[History, dict]:
-    """trainer.fit(), with what a reader needs to judge the time: wall and CPU seconds, threads, load."""
+def timed_fit(trainer: Trainer, resume_from: Path | None = None) -> tuple[History, dict]:
+    """trainer.fit(resume_from), with what a reader needs to judge the time: wall and CPU seconds, threads,
+    load (of this call: a resumed run counts only the steps it trained now)."""
     load_before = os.getloadavg()[0]
+    first = checkpoint_progress(resume_from)[0] if resume_from is not None else 0
     tic, cpu_tic = time.perf_counter(), time.process_time()
-    history = trainer.fit()
-    timing = {"train_seconds": time.perf_counter() - tic, "train_cpu_seconds": time.process_time() - cpu_tic,
+    history = trainer.fit(resume_from=resume_from)
+    timing = {"steps_trained": trainer.step - first, "train_seconds": time.perf_counter() - tic, "train_cpu_seconds": time.process_time() - cpu_tic,
               "torch_threads": torch.get_num_threads(), "loadavg_1min": [load_before, os.getloadavg()[0]]}
     return history, timing
 
@@ -198,8 +235,9 @@ def load_or_train(family: str, preset: str | None = None, *, steps: int | None =
     preset: "cpu" by default, "tiny" in fast mode (MINIVL_FAST=1). In fast mode the recipe always
     trains, for the module's FAST_STEPS steps, and never loads a full-size checkpoint: the fast run
     takes the same code path as a learner's first full run (train, save, load back), in seconds.
-    A checkpoint made from another version of Shapes World is trained again, with a note.
-    Extra keyword arguments go to the recipe's `run(...)`.
+    A checkpoint made from another version of Shapes World is trained again, with a note. A run that
+    was interrupted (a training checkpoint short of its steps in the run folder) is resumed, with a note;
+    retrain=True starts afresh instead. Extra keyword arguments go to the recipe's `run(...)`.
     """
     if family not in families():
         raise ValueError(f"unknown family {family!r}; recipes: {families()}")
@@ -213,9 +251,10 @@ def load_or_train(family: str, preset: str | None = None, *, steps: int | None =
     name = f"{family}-{preset}"
     run_dir, ckpt_dir = folders(name, run_kwargs.pop("out", None), run_kwargs.pop("checkpoint", None))
     metrics_path = run_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    have = (ckpt_dir / CONFIG).is_file() and not (fast or retrain)
-    if have and metrics.get("world_version") not in (None, _world_version()):
+    metrics = read_json(metrics_path) if metrics_path.is_file() else {}  # a damaged file: ValueError naming it
+    have = (resolve(ckpt_dir) / CONFIG).is_file() and not (fast or retrain)  # resolve: a save a kill cut short
+    stale = metrics.get("world_version") not in (None, _world_version())
+    if have and stale:
         print(f"{ckpt_dir} was trained on Shapes World {metrics['world_version']}; this is "
               f"{_world_version()}: training again")
         have = False
@@ -223,8 +262,15 @@ def load_or_train(family: str, preset: str | None = None, *, steps: int | None =
         print(f"loading {ckpt_dir} (trained earlier; retrain=True trains again)")
     else:
         progress = (not fast) if progress is None else progress
+        # fast mode and retrain=True start afresh whatever the run folder holds (asked for, or seconds of
+        # tiny training); otherwise an interrupted run there is resumed, so no step of it is lost
+        force = fast or retrain or stale
+        at = checkpoint_progress(run_dir / "checkpoint")
+        resume = not force and at is not None and at[0] < at[1]
+        if resume:
+            print(f"resuming the run interrupted at step {at[0]} of {at[1]} in {run_dir} (retrain=True starts afresh)")
         metrics = module.run(preset, steps=steps, device=device, progress=progress, out=run_dir,
-                             checkpoint=ckpt_dir, **run_kwargs)
+                             checkpoint=ckpt_dir, resume=resume, force=force, **run_kwargs)
         if not fast:
             print(module.summary(metrics))
     model = load_model(ckpt_dir, map_location=minivl.device(None if device is None else str(device))).eval()
@@ -237,5 +283,5 @@ def _world_version() -> str:
 
 
 __all__ = ["Recipe", "choose", "folders", "train_config", "stream_indices", "step_rng", "single_object_set",
-           "color_shape_accuracy", "tokenize_batch", "fit", "run_record", "timed_fit", "timing_text", "write_metrics", "families",
+           "color_shape_accuracy", "tokenize_batch", "fit", "resume_point", "run_record", "timed_fit", "timing_text", "write_metrics", "families",
            "Trained", "load_or_train"]

@@ -155,10 +155,13 @@ def _plots(run_dir: Path, history, details: dict, sets: dict, world: World) -> N
 
 
 def run(preset: str = "cpu", steps: int | None = None, device=None, out=None, seed: int = 0, bf16: bool = False,
-        progress: bool = True, checkpoint: str | Path | None = None) -> dict:
+        progress: bool = True, checkpoint: str | Path | None = None, resume: bool = False,
+        force: bool = False) -> dict:
     """Train, evaluate, save; returns the metrics dict (also written to <run folder>/metrics.json).
 
     `checkpoint` defaults to data/checkpoints/clip-<preset>; `out` (the run folder) to data/runs/clip-<preset>.
+    `resume` goes on from the training checkpoint in the run folder; `force` starts afresh over one that
+    an unfinished or longer run left there (refused otherwise: `recipes.resume_point`).
     """
     recipe = choose(RECIPES, "CLIP", preset, steps)
     tokenizer = world_tokenizer()  # the one BPE every preset reads
@@ -179,7 +182,8 @@ def run(preset: str = "cpu", steps: int | None = None, device=None, out=None, se
     batches = make_batches(world, tokenizer, recipe.batch_size, recipe.single_object, config.text.context_length,
                            seed, recipe.positives, recipe.steps)
     trainer, history, timing = fit(model, batches, recipe, seed=seed, progress=progress, bf16=bf16, device=device,
-                                   run_dir=run_dir, eval_fn=lambda m, step: evaluate(m, world, small, tokenizer))
+                                   run_dir=run_dir, eval_fn=lambda m, step: evaluate(m, world, small, tokenizer),
+                                   resume=resume, force=force)
     if not trainer.dist.main:  # under torchrun, rank 0 alone evaluates and writes the checkpoint
         return {}
     details = {}
@@ -213,7 +217,7 @@ def summary(m: dict) -> str:
 
 def main(args) -> int:
     result = run(args.preset, steps=args.steps, device=args.device, out=args.out, seed=args.seed,
-                 bf16=args.bf16, progress=True)
+                 bf16=args.bf16, progress=True, resume=args.resume, force=args.force)
     if result:  # empty on the other ranks of a torchrun job
         print(summary(result))
     return 0

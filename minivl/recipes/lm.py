@@ -130,11 +130,14 @@ def generate_text(model: CausalLM, tokenizer, prompts: list[str], **kwargs) -> l
 
 
 def run(preset: str = "cpu", steps: int | None = None, device=None, out=None, seed: int = 0, bf16: bool = False,
-        progress: bool = True, checkpoint: str | Path | None = None, samples: int = 32) -> dict:
+        progress: bool = True, checkpoint: str | Path | None = None, resume: bool = False,
+        force: bool = False, samples: int = 32) -> dict:
     """Train, evaluate, save; returns the metrics dict (also written to <run folder>/metrics.json).
 
     `checkpoint` defaults to data/checkpoints/lm-<preset>; `out` (the run folder) to data/runs/lm-<preset>;
     `samples` captions are sampled (top-p 0.9) to measure how many are grammatical and distinct.
+    `resume` goes on from the training checkpoint in the run folder; `force` starts afresh over one that
+    an unfinished or longer run left there (refused otherwise: `recipes.resume_point`).
     """
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be a positive int, got {samples!r}")
@@ -151,7 +154,7 @@ def run(preset: str = "cpu", steps: int | None = None, device=None, out=None, se
     trainer, history, timing = fit(model, caption_batches(world, tokenizer, recipe.batch_size, config.context_length,
                                                            seed), recipe, seed=seed, progress=progress, bf16=bf16,
                                    device=device, run_dir=run_dir,
-                                   eval_fn=lambda m, step: {"val_ppl": perplexity(m, val)})
+                                   eval_fn=lambda m, step: {"val_ppl": perplexity(m, val)}, resume=resume, force=force)
     if not trainer.dist.main:  # under torchrun, rank 0 alone evaluates and writes the checkpoint
         return {}
     model.save(ckpt_dir, tokenizer)  # the tokenizer lands in the checkpoint folder by the same atomic save
@@ -196,7 +199,8 @@ def summary(m: dict) -> str:
 
 
 def main(args) -> int:
-    result = run(args.preset, steps=args.steps, device=args.device, out=args.out, seed=args.seed, bf16=args.bf16)
+    result = run(args.preset, steps=args.steps, device=args.device, out=args.out, seed=args.seed, bf16=args.bf16,
+                 resume=args.resume, force=args.force)
     if result:  # empty on the other ranks of a torchrun job
         print(summary(result))
     return 0

@@ -147,10 +147,13 @@ def _plots(run_dir: Path, history, model: ViTClassifier, world: World, sets: dic
 
 
 def run(preset: str = "cpu", steps: int | None = None, device=None, out=None, seed: int = 0, bf16: bool = False,
-        progress: bool = True, checkpoint: str | Path | None = None) -> dict:
+        progress: bool = True, checkpoint: str | Path | None = None, resume: bool = False,
+        force: bool = False) -> dict:
     """Train, evaluate, save; returns the metrics dict (also written to <run folder>/metrics.json).
 
     `checkpoint` defaults to data/checkpoints/vit-<preset>; `out` (the run folder) to data/runs/vit-<preset>.
+    `resume` goes on from the training checkpoint in the run folder; `force` starts afresh over one that
+    an unfinished or longer run left there (refused otherwise: `recipes.resume_point`).
     """
     recipe = choose(RECIPES, "ViT", preset, steps)
     world = World(image_size=ViTConfig.preset(preset).image_size)
@@ -164,7 +167,8 @@ def run(preset: str = "cpu", steps: int | None = None, device=None, out=None, se
     small = {"test": (sets["test"][0][:500], sets["test"][1][:500])}  # periodic evals stay cheap
     trainer, history, timing = fit(model, make_batches(world, recipe.batch_size, seed), recipe, seed=seed,
                                    progress=progress, bf16=bf16, device=device, run_dir=run_dir,
-                                   eval_fn=lambda m, step: evaluate(m, world, small))
+                                   eval_fn=lambda m, step: evaluate(m, world, small),
+                                   resume=resume, force=force)
     if not trainer.dist.main:  # under torchrun, rank 0 alone evaluates and writes the checkpoint
         return {}
     with torch.no_grad(), trainer.autocast():
@@ -193,7 +197,7 @@ def summary(m: dict) -> str:
 
 def main(args) -> int:
     result = run(args.preset, steps=args.steps, device=args.device, out=args.out, seed=args.seed,
-                 bf16=args.bf16, progress=True)
+                 bf16=args.bf16, progress=True, resume=args.resume, force=args.force)
     if result:  # empty on the other ranks of a torchrun job
         print(summary(result))
     return 0
