@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from minivl import validate
 from minivl.world import World
 from minivl.world_text import NUMBERS, PLURAL, pick, rng_for
 
@@ -24,9 +25,7 @@ def _as_int(x, name: str) -> int:
     which index silently (True is 1, 2.0 becomes 2)."""
     if isinstance(x, torch.Tensor) and x.ndim == 0 and not x.is_floating_point() and x.dtype != torch.bool:
         x = x.item()
-    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(x).__name__} {x!r:.40}")
-    return int(x)
+    return validate.integer(name, x)
 
 
 def image_to_tensor(img) -> torch.Tensor:

@@ -28,13 +28,21 @@ def _kind(t: torch.Tensor) -> str:
     return "complex"
 
 
-def positive_int(name: str, v, minimum: int = 1) -> int:
-    """An int >= minimum. Bools are rejected: `max_new_tokens=True` is a bug, not 1."""
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {type(v).__name__} {v!r}")
-    if v < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {v}")
+def integer(name: str, v, low: int | None = None, high: int | None = None) -> int:
+    """A Python or NumPy int in [low, high] (None: no bound). Bools are rejected: `max_new_tokens=True`
+    is a bug, not 1, and `ds[True]` would silently be item 1."""
+    bounds = (f" in [{low}, {high}]" if low is not None and high is not None else
+              f" >= {low}" if low is not None else f" <= {high}" if high is not None else "")
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{name} must be an int{bounds}, got {type(v).__name__} {v!r:.40}")
+    if (low is not None and v < low) or (high is not None and v > high):
+        raise ValueError(f"{name} must be an int{bounds}, got {v}")
     return int(v)
+
+
+def positive_int(name: str, v, minimum: int = 1) -> int:
+    """An int >= minimum (see `integer`)."""
+    return integer(name, v, low=minimum)
 
 
 def real(name: str, v, low: float | None = None, high: float | None = None, *,

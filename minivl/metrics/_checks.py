@@ -6,11 +6,11 @@ iterated as a list of captions all "work" deep inside torch and give a wrong sco
 """
 from __future__ import annotations
 
-import math
-import numbers
 
 import numpy as np
 import torch
+
+from minivl import validate
 
 
 def to_tensor(x, name: str, kind: str = "float") -> torch.Tensor:
@@ -41,21 +41,15 @@ def to_tensor(x, name: str, kind: str = "float") -> torch.Tensor:
 
 
 def check_int(x, name: str, lo: int | None = None, hi: int | None = None) -> int:
-    """A Python or NumPy int (never a bool: True is not a count) in [lo, hi]."""
-    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(x).__name__} {x!r:.40}")
-    if (lo is not None and x < lo) or (hi is not None and x > hi):
-        raise ValueError(f"{name} must be in [{lo}, {'inf' if hi is None else hi}], got {x}")
-    return int(x)
+    """A Python or NumPy int (never a bool: True is not a count) in [lo, hi]: `minivl.validate.integer`."""
+    return validate.integer(name, x, lo, hi)
 
 
 def check_real(x, name: str) -> float:
-    """A finite real number (int or float, not bool)."""
-    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
+    """A finite real number (int or float, not bool, not a tensor): `minivl.validate.real`."""
+    if isinstance(x, torch.Tensor):  # validate.real takes one-element tensors; a metric's parameter is a number
         raise TypeError(f"{name} must be a real number, got {type(x).__name__} {x!r:.40}")
-    if not math.isfinite(x):
-        raise ValueError(f"{name} must be finite, got {x}")
-    return float(x)
+    return validate.real(name, x)
 
 
 def check_seq(x, name: str) -> list:
