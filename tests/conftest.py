@@ -9,6 +9,18 @@ matplotlib.use("Agg")
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine two threads per
+    process oversubscribe the cores (measured: 36 s vs 8 s for test_lm.py). A module opts in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`; the thread count is restored after it."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_data_dir(tmp_path, monkeypatch):
     """Anything a test trains or saves through minivl.data_dir() lands in a temp folder."""

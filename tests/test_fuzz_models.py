@@ -44,13 +44,7 @@ NEW = torch.randint(3, 250, (2, 3))
 ZSC = clip.ZeroShotClassifier(CLIPM, ["red circle", "blue square"], templates=["a {}"], tokenizer=TOK)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads on a shared 2-core machine; restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest)
 
 
 def _generate_with(arg):

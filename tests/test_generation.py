@@ -16,13 +16,7 @@ from minivl.lm import CausalLM, LMConfig
 EOS, PAD = 290, 292  # ids in the tiny vocabulary (300) that the tests treat as special
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine they oversubscribe."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest)
 
 
 def _lm(seed=0, **overrides):

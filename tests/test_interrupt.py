@@ -20,12 +20,7 @@ from minivl.checkpoint import checkpoints_dir, load_model, load_state
 from minivl.train import Trainer, checkpoint_progress
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest)
 
 
 def evals(m, step):

@@ -9,14 +9,7 @@ from minivl.lm import CausalLM, LMConfig, positions_from_mask
 EOS, PAD = 290, 292  # ids in the tiny vocabulary (300) that the tests treat as special
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine two threads
-    per process oversubscribe the cores (measured: 36 s vs 8 s for this file); restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest)
 
 
 def _lm(seed=0, **overrides):
