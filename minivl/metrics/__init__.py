@@ -6,6 +6,7 @@ is the standard definition (the formula is in each function's docstring):
     retrieval       recall@K (image->text, text->image), median / mean rank     [VSE++, CLIP]
     classification  top-k accuracy, confusion matrix                             [ImageNet]
     captioning      corpus BLEU-1..4, CIDEr-D           == pycocoevalcap's Bleu and Cider
+    caption_truth   is a caption true of its scene: object precision/recall, exact scene, CHAIR
     vqa             VQA accuracy (10 annotators), exact match, per-type breakdown [VQA eval]
     boxes           xyxy/xywh/cxcywh, IoU, GIoU, referring accuracy@0.5          [RefCOCO]
     detection       AP per class, mAP@0.5, mAP@[.5:.95]  == pycocotools' COCOeval (bbox)
@@ -19,6 +20,7 @@ once where they enter (metrics/_checks.py); edge cases have documented values (n
 """
 from minivl.metrics.boxes import (box_area, box_convert, box_iou, generalized_box_iou,
                                   referring_accuracy)
+from minivl.metrics.caption_truth import caption_truth, parse_caption, scene_truth
 from minivl.metrics.captioning import bleu, cider_d, cider_d_scores, tokenize_caption
 from minivl.metrics.classification import confusion_matrix, topk_accuracy
 from minivl.metrics.detection import COCO_IOU_THRESHOLDS, average_precision
@@ -30,6 +32,7 @@ __all__ = [
     "retrieval_metrics", "first_positive_rank",
     "topk_accuracy", "confusion_matrix",
     "bleu", "cider_d", "cider_d_scores", "tokenize_caption",
+    "caption_truth", "scene_truth", "parse_caption",
     "vqa_accuracy", "vqa_scores", "exact_match", "accuracy_by_type", "normalize_answer",
     "box_convert", "box_area", "box_iou", "generalized_box_iou", "referring_accuracy",
     "average_precision", "COCO_IOU_THRESHOLDS",
