@@ -277,28 +277,37 @@ def plot_similarity_matrix(sim, row_labels=None, col_labels=None, images=None, t
 
 
 def plot_confusion_matrix(cm, labels, normalize: bool = True, title: str | None = None):
-    """Rows: true class, columns: predicted class; rows normalised to sum to 1 when `normalize`."""
+    """Rows: true class, columns: predicted class; rows normalised to sum to 1 when `normalize`.
+
+    Rows with no sample at all (a class the test set does not hold, e.g. a held-out pair in a
+    seen-pairs test) are greyed and their label says so, so an empty row is not read as an error.
+    """
     cm = _array(cm, "cm", dtype=np.float64)
     if cm.ndim != 2 or cm.shape[0] != cm.shape[1] or cm.shape[0] != len(_sized(labels, "labels")):
         raise ValueError(f"cm must be square (K, K) with K = len(labels) = {len(labels)}, got {cm.shape}")
     if (cm < 0).any():
         raise ValueError("cm holds counts: negative entries are not a confusion matrix")
+    empty = cm.sum(1) == 0
     if normalize:
         cm = cm / np.maximum(cm.sum(1, keepdims=True), 1e-12)
     K = len(labels)
-    fig, ax = plt.subplots(figsize=(1.5 + 0.35 * K, 1.2 + 0.35 * K))
-    im = ax.imshow(cm, cmap="Blues", vmin=0)
+    size = 8 if K > 20 else 7  # readable at 30-35 classes: the figure grows with K instead of the font shrinking
+    fig, ax = plt.subplots(figsize=(2.5 + 0.32 * K, 2.0 + 0.32 * K))
+    im = ax.imshow(np.ma.masked_where(np.repeat(empty[:, None], K, 1), cm), cmap="Blues", vmin=0)
+    if empty.any():
+        ax.imshow(np.where(np.repeat(empty[:, None], K, 1), 1.0, np.nan), cmap="Greys", vmin=0, vmax=4)
     if K <= 20:
         for i in range(K):
             for j in range(K):
                 if cm[i, j]:
                     ax.text(j, i, f"{cm[i, j]:.2f}" if normalize else f"{int(cm[i, j])}", ha="center",
-                            va="center", fontsize=5, color="white" if cm[i, j] > cm.max() / 2 else "black")
-    ax.set_xticks(range(K), labels, rotation=90, fontsize=6)
-    ax.set_yticks(range(K), labels, fontsize=6)
+                            va="center", fontsize=6, color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set_xticks(range(K), labels, rotation=90, fontsize=size)
+    ax.set_yticks(range(K), [f"{label} (no samples)" if e else label for label, e in zip(labels, empty)],
+                  fontsize=size)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.colorbar(im, ax=ax, fraction=0.04, label="share of the row" if normalize else "count")
     if title:
         ax.set_title(title)
     fig.tight_layout()
