@@ -224,6 +224,154 @@ def zero_shot_classify(fn) -> None:
     _passed("zero_shot_classify")
 
 
+# ---------------------------------------------------------------- 04 captioning
+def hard_negatives(fn) -> None:
+    """fn(sim (B, B), positives (B, B) bool, generator) -> (B,) for each image the index of a caption that is
+    NOT a positive, drawn with probability softmax(sim[i]) over those captions (BLIP's ITM mining)."""
+    g = torch.Generator().manual_seed(0)
+    B, draws = 4, 400
+    sim = torch.tensor([[5.0, 3.0, 1.0, 0.0], [2.0, 5.0, 2.0, 0.0], [1.0, 1.0, 5.0, 4.0], [0.0, 2.0, 4.0, 5.0]])
+    positives = torch.eye(B, dtype=torch.bool)
+    positives[0, 1] = positives[1, 0] = True  # captions 0 and 1 say the same thing: neither is a negative of the other
+    want = sim.softmax(1).masked_fill(positives, 0)
+    want = want / want.sum(1, keepdim=True)  # (B, B) the distribution each row's negative is drawn from
+    counts = torch.zeros(B, B)
+    for _ in range(draws // 100):
+        picks = [_call(fn, "hard_negatives", sim.clone(), positives.clone(), g) for _ in range(100)]
+        for pick in picks:
+            pick = torch.as_tensor(pick)
+            if pick.shape != (B,):
+                raise CheckError(f"hard_negatives: expected shape ({B},), one caption index per image, got {tuple(pick.shape)}")
+            counts[torch.arange(B), pick.long()] += 1
+    freq = counts / counts.sum(1, keepdim=True)
+    if (counts * positives).sum() > 0:
+        raise CheckError("hard_negatives: a positive pair was drawn as a negative. Hint: zero the weights where "
+                         "positives is True before drawing (masked_fill), so two identical captions are never a negative")
+    if (freq.max(1).values > 0.999).all():
+        raise CheckError("hard_negatives: every row always gives the same caption. Hint: BLIP *samples* the negative "
+                         "(torch.multinomial on the softmax weights), so hard negatives vary from step to step")
+    if (freq - want).abs().max() > 0.1:  # 400 draws: 4 standard deviations
+        uniform = (~positives).float() / (~positives).float().sum(1, keepdim=True)
+        hint = "weight the captions by softmax(sim) (the more similar, the more likely)" \
+            if (freq - uniform).abs().max() < 0.1 else "draw with probability softmax(sim[i]) over the non-positives"
+        raise CheckError(f"hard_negatives: drawn frequencies {freq.numpy().round(2).tolist()} differ from "
+                         f"{want.numpy().round(2).tolist()}. Hint: {hint}")
+    _passed("hard_negatives")
+
+
+# ---------------------------------------------------------------- 05 VQA
+def soft_scores(fn) -> None:
+    """fn(answers: list of the annotators' answers, label2id) -> (A,) float tensor: the VQA accuracy each
+    vocabulary answer would get, min(1, (annotators who gave it) / 3) averaged over the 10 leave-one-out
+    sets of 9 annotators (one answer only: 1 for it)."""
+    from minivl.vqa.data import soft_scores as ref
+    label2id = {a: i for i, a in enumerate(["yes", "no", "2", "3", "red", "blue"])}
+    cases = [["yes"] * 10, ["yes"] * 7 + ["no"] * 3, ["2"] * 4 + ["3"] * 4 + ["red", "blue"], ["red"] * 2 + ["blue"] * 8,
+             ["no"], ["green"] * 6 + ["red"] * 4, ["3"] * 3 + ["2"] * 7]
+    for answers in cases:
+        got = _call(fn, "soft_scores", list(answers), dict(label2id))
+        want = ref(list(answers), label2id).double()
+        simple = torch.tensor([min(1.0, answers.count(a) / 3) for a in label2id], dtype=torch.float64)
+        onehot = torch.zeros(len(label2id), dtype=torch.float64)
+        top = max(label2id, key=answers.count)
+        onehot[label2id[top]] = 1.0
+        if not torch.is_tensor(got):
+            raise CheckError(f"soft_scores: expected a tensor of shape ({len(label2id)},), got {type(got).__name__}")
+        _compare(f"soft_scores({answers})", got.double(), want,
+                 [(simple, "close: the metric averages min(1, count / 3) over the 10 sets of 9 annotators "
+                           "(leave one out), so 3 of 10 annotators give 0.9, not 1"),
+                  (onehot, "soft targets give partial credit to every answer some annotators gave, not a one-hot")])
+    _passed("soft_scores")
+
+
+def vqa_loss(fn) -> None:
+    """fn(logits (B, A), targets (B, A) soft scores in [0, 1]) -> ViLT's loss: binary cross-entropy of each
+    answer as its own yes/no (sigmoid), averaged and multiplied by the number of answers A."""
+    from minivl.vqa.model import vqa_loss as ref
+    g = torch.Generator().manual_seed(0)
+    logits = (2 * torch.randn(5, 9, generator=g, dtype=torch.float64)).requires_grad_()
+    targets = torch.zeros(5, 9, dtype=torch.float64)
+    targets[torch.arange(5), torch.randint(0, 9, (5,), generator=g)] = 1.0
+    targets[0, 3], targets[1, 4] = 0.3, 0.6  # partial credit
+    want = ref(logits, targets).double()
+    got = _call(fn, "vqa_loss", logits, targets)
+    with torch.no_grad():
+        mean = F.binary_cross_entropy_with_logits(logits, targets)
+        softmax = -(targets * logits.log_softmax(-1)).sum(-1).mean()
+    _compare("vqa_loss", torch.as_tensor(got).reshape(()).double(), want,
+             [(mean, "ViLT multiplies the mean BCE by the number of answers (the sum over answers, per question)"),
+              (softmax, "each answer is its own yes/no: sigmoid + binary cross-entropy, not a softmax over answers")])
+    _passed("vqa_loss", rel_error(got, want))
+
+
+# ---------------------------------------------------------------- 06 grounding
+def focal_loss(fn) -> None:
+    """fn(logits, targets, alpha, gamma) -> elementwise sigmoid focal loss, alpha_t (1 - p_t)^gamma BCE (Lin et al., 2017)."""
+    from minivl.grounding.loss import sigmoid_focal_loss as ref
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(6, 7, generator=g, dtype=torch.float64)).requires_grad_()
+    targets = (torch.rand(6, 7, generator=g) < 0.3).double()
+    want = ref(logits, targets, 0.25, 2.0).double()
+    got = _call(fn, "focal_loss", logits, targets, 0.25, 2.0)
+    with torch.no_grad():
+        bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+        no_alpha = ref(logits, targets, -1, 2.0).double()
+        swapped = ref(logits, 1 - targets, 0.25, 2.0).double()
+    _compare("focal_loss", got.double() if torch.is_tensor(got) else got, want,
+             [(bce, "that is plain BCE: multiply by (1 - p_t)^gamma, so confident right answers count little"),
+              (no_alpha, "weight positives by alpha and negatives by 1 - alpha"),
+              (swapped, "p_t is p where the target is 1 and 1 - p where it is 0")], tol=1e-5)
+    _passed("focal_loss", rel_error(got, want))
+
+
+def match(fn) -> None:
+    """fn(cost (N, G)) -> (rows, cols): a one-to-one assignment of the G targets to G of the N predictions
+    with the least total cost (bipartite matching, as DETR and OWL-ViT train)."""
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+    rng = np.random.default_rng(0)
+    costs = [np.array([[1.0, 2.0], [1.1, 9.0], [5.0, 5.0]]), rng.random((9, 4)), rng.random((16, 3)) * 10]
+    for cost in costs:
+        rows, cols = (np.asarray(x) for x in _call(fn, "match", torch.tensor(cost)))
+        G = cost.shape[1]
+        if len(rows) != G or len(cols) != G or len(set(rows.tolist())) != G or sorted(cols.tolist()) != list(range(G)):
+            raise CheckError(f"match: expected every one of the {G} targets matched to its own prediction, got rows "
+                             f"{rows.tolist()} cols {cols.tolist()}. Hint: one prediction per target, none used twice")
+        r, c = linear_sum_assignment(cost)
+        best, got = cost[r, c].sum(), cost[rows, cols].sum()
+        if got > best + 1e-9:
+            raise CheckError(f"match: total cost {got:.3f}, the best assignment costs {best:.3f}. Hint: taking the "
+                             f"cheapest pair first (greedy) can be beaten; scipy.optimize.linear_sum_assignment finds "
+                             f"the optimum")
+    _passed("match")
+
+
+# ---------------------------------------------------------------- 07 multimodal LLM
+def assistant_labels(fn) -> None:
+    """fn(ids: list[int], assistant_id, end_id) -> labels: the id on every token after an <|assistant|> marker
+    up to and including its <|end|>, and -100 (ignored by the loss) everywhere else."""
+    from minivl.mllm.chat import labels_for
+    A, E, U, I = 90, 91, 92, 93  # assistant, end, user, image markers of a toy vocabulary
+    cases = [[U, I, I, 5, 6, E, A, 7, 8, E], [U, 5, E, A, 7, E, U, 6, E, A, 8, 9, E], [U, 5, 6, E, A], [A, E]]
+    for ids in cases:
+        got = _call(fn, "assistant_labels", list(ids), A, E)
+        want = labels_for(list(ids), A, E)
+        if list(got) != want:
+            bad = next(i for i, (a, b) in enumerate(zip(list(got) + [None] * len(want), want)) if a != b)
+            if want[bad] == -100 and ids[bad] == A:
+                hint = "the <|assistant|> marker is given in the prompt, not predicted: start after it"
+            elif want[bad] == E:
+                hint = "keep the <|end|> token: the model must learn to end its turn"
+            elif want[bad] == -100:
+                hint = "user turns and image positions are ignored (-100): the loss is on the assistant's tokens only"
+            else:
+                hint = "every assistant turn counts, not only the first or the last"
+            raise CheckError(f"assistant_labels({ids}): expected {want}, got {list(got)} (first difference at "
+                             f"position {bad}). Hint: {hint}")
+    _passed("assistant_labels")
+
+
 CHECKS = {f.__name__: f for f in (box_iou, to_tensor, patch_embed, attention, merge, causal_mask, next_token_loss,
-                                  contrastive_loss, zero_shot_classify)}
+                                  contrastive_loss, zero_shot_classify, hard_negatives, soft_scores, vqa_loss, focal_loss,
+                                  match, assistant_labels)}
 __all__ = ["CheckError", "rel_error", *CHECKS]

@@ -13,6 +13,7 @@ from minivl.course import ClaimError, expect, markdown, run_course
 from minivl.exercises import stub_source, student_notebook, write_exercises
 
 nbformat = pytest.importorskip("nbformat")
+pytestmark = pytest.mark.usefixtures("one_thread")
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 
@@ -142,6 +143,66 @@ def iou_unclamped(a, b):
     return w * h / (area(a) + area(b) - w * h)
 
 
+def negatives_ok(sim, positives, g):
+    w = sim.softmax(1).masked_fill(positives, 0)
+    return torch.multinomial(w, 1, generator=g)[:, 0]
+
+
+def negatives_argmax(sim, positives, g):
+    return sim.masked_fill(positives, float("-inf")).argmax(1)
+
+
+def negatives_uniform(sim, positives, g):
+    return torch.multinomial((~positives).float(), 1, generator=g)[:, 0]
+
+
+def negatives_unmasked(sim, positives, g):
+    return torch.multinomial(sim.softmax(1).masked_fill(torch.eye(len(sim), dtype=torch.bool), 0), 1, generator=g)[:, 0]
+
+
+def soft_ok(answers, label2id):
+    n, out = len(answers), torch.zeros(len(label2id))
+    for a, i in label2id.items():
+        m = answers.count(a)
+        if m:
+            out[i] = 1.0 if n == 1 else (m * min(1, (m - 1) / 3) + (n - m) * min(1, m / 3)) / n
+    return out
+
+
+def focal_ok(logits, targets, alpha, gamma):
+    p = logits.sigmoid()
+    p_t = p * targets + (1 - p) * (1 - targets)
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    return (alpha * targets + (1 - alpha) * (1 - targets)) * (1 - p_t) ** gamma * ce
+
+
+def match_ok(cost):
+    from scipy.optimize import linear_sum_assignment
+    return linear_sum_assignment(cost.numpy())
+
+
+def match_greedy(cost):
+    cost, rows, cols = cost.clone(), [], []
+    for _ in range(cost.shape[1]):
+        r, c = divmod(int(cost.argmin()), cost.shape[1])
+        rows.append(r)
+        cols.append(c)
+        cost[r, :], cost[:, c] = float("inf"), float("inf")
+    return rows, cols
+
+
+def labels_ok(ids, a, e):
+    out, inside = [], False
+    for t in ids:
+        out.append(t if inside else -100)
+        inside = True if t == a else (False if t == e else inside)
+    return out
+
+
+def labels_no_end(ids, a, e):
+    return [-100 if t == e else x for t, x in zip(ids, labels_ok(ids, a, e))]
+
+
 CASES = [  # check, a right implementation, [(a wrong one, words its hint must contain)]
     (checks.attention, attention_ok, [(attention_unscaled, "sqrt(d)"), (attention_unmasked, "mask is not applied")]),
     (checks.patch_embed, lambda x, w: rearrange(x, "b c (h p) (v q) -> b (h v) (c p q)", p=4, q=4) @
@@ -158,6 +219,17 @@ CASES = [  # check, a right implementation, [(a wrong one, words its hint must c
     (checks.to_tensor, lambda im: torch.from_numpy(im).permute(2, 0, 1).float() / 127.5 - 1,
      [(lambda im: torch.from_numpy(im).permute(2, 0, 1).float() / 255, "[0, 1]"),
       (lambda im: torch.from_numpy(im).float() / 127.5 - 1, "channels first")]),
+    (checks.hard_negatives, negatives_ok, [(negatives_argmax, "samples"), (negatives_uniform, "softmax"),
+                                           (negatives_unmasked, "positive")]),
+    (checks.soft_scores, soft_ok, [(lambda ans, l2i: torch.tensor([min(1.0, ans.count(a) / 3) for a in l2i]), "leave one out")]),
+    (checks.vqa_loss, lambda x, t: F.binary_cross_entropy_with_logits(x, t) * t.shape[-1],
+     [(lambda x, t: F.binary_cross_entropy_with_logits(x, t), "number of answers"),
+      (lambda x, t: -(t * x.log_softmax(-1)).sum(-1).mean(), "not a softmax")]),
+    (checks.focal_loss, focal_ok, [(lambda x, t, a, g: F.binary_cross_entropy_with_logits(x, t, reduction="none"), "plain BCE"),
+                                   (lambda x, t, a, g: focal_ok(x, t, 0.5, g) * 2, "alpha")]),
+    (checks.match, match_ok, [(match_greedy, "greedy")]),
+    (checks.assistant_labels, labels_ok, [(labels_no_end, "<|end|>"),
+                                          (lambda ids, a, e: [t if t not in (a, e) else -100 for t in ids], "ignored")]),
 ]
 
 

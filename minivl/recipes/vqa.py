@@ -1,0 +1,309 @@
+"""Train the ViLT-style VQA model on Shapes World (or your own VQA v2-style data), evaluate, save.
+
+    python -m minivl train vqa [--preset tiny|cpu|cpu-long|gpu] [--data DIR] [--steps N] [--out DIR]
+
+What it builds: a stream of fresh scenes, each packed with *all* its questions into one sequence
+(one image encoding serves ~17 questions, see `ViltForQuestionAnswering.forward_packed`), a
+curriculum that starts with a share of single-object scenes (where "left/right", "top/bottom",
+colour and shape each have one object to attach to) and ends on full scenes, the Trainer loop,
+and the evaluation: VQA accuracy overall and per question type on test scenes and on held-out
+colour-shape scenes, the same table for the late-fusion baseline (frozen CLIP embeddings + MLP),
+and a count confusion matrix. Checkpoint: data/checkpoints/vqa-<preset>; run folder
+data/runs/vqa-<preset> (metrics.json, history, per-type accuracy plot, sample answers, confusion).
+
+With `--data DIR` (VQA v2 files) or `run(train=records, test=records)` the same model trains on
+your data: the answer vocabulary comes from the training answers, accuracy is the 10-annotator
+VQA accuracy, per question type when the records carry a "type".
+
+The one idea to take away: single-stream fusion has to *learn* to tie a phrase to the patches it
+names; the levers here (many questions per image encoding, a frozen CLIP image tower, easy scenes
+first) buy signal per CPU second, and LEVER_LOG records what each one bought.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import minivl
+from minivl.data import image_to_tensor, world_tokenizer
+from minivl.recipes import Recipe, choose, fit, folders, run_record, step_rng, stream_indices, timing_text, write_metrics
+from minivl.vqa import (Packer, ViltConfig, ViltForQuestionAnswering, answer_vocabulary, check_records,
+                        count_confusion, load_image, load_vqa_v2, predict_scenes, records_to_scenes, score,
+                        world_scenes)
+from minivl.world import World
+
+
+@dataclass(frozen=True)
+class VQARecipe(Recipe):
+    """VQA's training preset; batch_size counts scenes (each brings all its questions)."""
+
+    single_object: tuple[float, float] = (0.5, 0.0)  # share of one-object scenes, first -> last step
+    eval_scenes: int = 1000  # test scenes (all their questions) for the final table
+    heldout_scenes: int = 500  # scenes holding a never-seen colour-shape pair
+    quick_scenes: int = 200  # test scenes of the evaluations during training
+    baseline_scenes: int = 3000  # training scenes of the late-fusion baseline (frozen CLIP features)
+    baseline_steps: int = 800  # its MLP's updates
+    max_answers: int = 1000  # cap of the answer vocabulary built from your own data
+    objects_ramp: float = 0.0  # > 0: objects per scene grow 1 -> max over this share of the steps (curriculum)
+    questions_per_scene: int = 0  # 0: all questions, packed in one row; k: k rows of (image, question) per scene
+    clip_init: str | None = "clip-cpu"  # stem="vit": start the image tower from this CLIP checkpoint (frozen)
+
+
+RECIPES = {
+    "tiny": VQARecipe(steps=40, batch_size=8, lr=2e-3, warmup_steps=5, weight_decay=0.05, eval_scenes=40,
+                      heldout_scenes=20, quick_scenes=20, baseline_scenes=60, baseline_steps=30),
+    # ~0.25 s a step on 2 cores (frozen CLIP tower, 16 packed scenes = ~270 questions): 1000 steps in ~4.5 min
+    "cpu": VQARecipe(steps=1000, batch_size=16, lr=3e-3, warmup_steps=50, weight_decay=0.05, eval_every=250,
+                     objects_ramp=0.6, baseline_scenes=2000, baseline_steps=600),
+    "cpu-long": VQARecipe(steps=4000, batch_size=16, lr=3e-3, warmup_steps=100, weight_decay=0.05, eval_every=1000,
+                          objects_ramp=0.5),
+    "gpu": VQARecipe(steps=6000, batch_size=64, lr=1e-3, warmup_steps=300, weight_decay=0.05, eval_every=1000,
+                     eval_scenes=2000, heldout_scenes=1000, objects_ramp=0.5, bf16=True),
+}
+FAST_STEPS = 12  # what a notebook trains in fast mode (MINIVL_FAST=1), on the tiny preset
+
+# Measured while choosing the cpu recipe (2 cores, under /work/bin/cpulock, 200 test scenes unless noted):
+# one lever changed per row. Notebook 05 draws it.
+LEVER_LOG = [
+    dict(lever="issue's probe: plain ViLT 64x4, one question per row", steps=None, minutes=5.0, overall=0.49),
+    dict(lever="packed questions + conv stem, from scratch, lr 1e-3", steps=200, minutes=2.2, overall=0.366),
+    dict(lever="same, lr 2e-3, fan-in stem init", steps=100, minutes=1.4, overall=0.360),
+    dict(lever="frozen CLIP ViT patch features (clip-cpu), packed, lr 1e-3", steps=300, minutes=1.2, overall=0.398),
+    dict(lever="full attention, 6 q/scene, 2x2-pooled CLIP tokens, curriculum", steps=500, minutes=2.8, overall=0.368),
+    dict(lever="packed + frozen CLIP + objects 1->4 curriculum, lr 3e-3", steps=400, minutes=2.4, overall=0.391),
+    dict(lever="cpu preset: the same, 1000 steps (1,000 test scenes)", steps=1000, minutes=13.8, overall=0.457),
+    dict(lever="reference: question-only prior (no image)", steps=None, minutes=0.0, overall=0.373),
+    dict(lever="reference: late fusion, frozen CLIP + MLP (1,000 test scenes)", steps=600, minutes=0.5, overall=0.598),
+]
+
+
+def make_batches(world: World, packer: Packer, batch_size: int, single_object=(0.5, 0.0), seed: int = 0,
+                 steps: int | None = None, objects_ramp: float = 0.0, questions_per_scene: int = 0):
+    """get_batch(step) -> a batch of `batch_size` fresh scenes: a pure function of (seed, step).
+
+    Packed (questions_per_scene=0): each scene is one row holding all its questions. Otherwise one
+    (image, question) row per question, `questions_per_scene` drawn per scene (for full attention,
+    where the image reads the question and so cannot be shared). objects_ramp > 0: a curriculum on
+    the number of objects, drawn uniformly from 1..k where k grows from 1 to the world's maximum over
+    that share of the steps; else `single_object` is the share of one-object scenes, first -> last step."""
+    start, end = single_object
+    most = world.config.max_objects
+
+    def objects(step: int, rng) -> int | None:
+        if objects_ramp > 0:
+            k = 1 + int(min(1.0, step / max(1.0, objects_ramp * (steps or 1))) * (most - 0.001))
+            return int(rng.integers(1, k + 1))
+        share = start + (end - start) * min(1.0, step / max(1, (steps or 1) - 1))
+        return 1 if rng.random() < share else None
+
+    def get_batch(step: int) -> dict:
+        rng = step_rng(seed, step)
+        scenes = []
+        for i in stream_indices(seed, step, batch_size):
+            s = world.scene(i, "train", objects(step, rng))
+            qs = world.questions(s)
+            if questions_per_scene:
+                qs = [qs[j] for j in rng.permutation(len(qs))[:questions_per_scene]]
+            scenes.append((s.image, [q.question for q in qs], [[q.answer] for q in qs]))
+        images = image_to_tensor(np.stack([im for im, _, _ in scenes]))  # (B, 3, H, W)
+        if not questions_per_scene:
+            return packer(images, [q for _, q, _ in scenes], [a for _, _, a in scenes])
+        return packer.unpacked(images, [q for _, q, _ in scenes], [a for _, _, a in scenes])
+    return get_batch
+
+
+def record_batches(scenes: list[dict], packer: Packer, image_size: int, batch_size: int, seed: int = 0,
+                   packed: bool = True):
+    """get_batch(step) over your own data: `batch_size` scenes (an image and its questions) per step."""
+    images = {}
+
+    def image(k: int) -> np.ndarray:
+        if k not in images:
+            images[k] = resize(load_image(scenes[k]["image"]), image_size)
+        return images[k]
+
+    def get_batch(step: int) -> dict:
+        rng = step_rng(seed, step)
+        pick = rng.integers(0, len(scenes), size=batch_size)
+        chunk = [scenes[k] for k in pick]
+        pixels = image_to_tensor(np.stack([image(int(k)) for k in pick]))
+        return (packer if packed else packer.unpacked)(pixels, [s["questions"] for s in chunk],
+                                                       [s["answers"] for s in chunk])
+    return get_batch
+
+
+def resize(img: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (H, W, 3) of any size -> (size, size, 3), bilinear with antialiasing."""
+    if img.shape[:2] == (size, size):
+        return img
+    t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float()
+    t = torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return t[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def _load_clip(name: str | None):
+    """(CLIP model, its name) when the checkpoint exists, else (None, None)."""
+    from minivl import clip as clip_lib
+    if name is None or name not in clip_lib.available_models():
+        return None, None
+    model, _ = clip_lib.load(name, device="cpu")
+    return model, name
+
+
+def init_from_clip(config: ViltConfig, clip_model) -> tuple[ViltConfig, dict | None]:
+    """The config to build and the image-tower weights: CLIP's (frozen) when it fits, else a tower trained
+    from scratch (CI and a first run have no CLIP checkpoint: a frozen random tower would see nothing)."""
+    if config.stem != "vit":
+        return config, None
+    if clip_model is None or clip_model.config.vision != config.vision:
+        return dataclasses.replace(config, freeze_vision=False), None
+    return config, clip_model.visual.state_dict()
+
+
+def _baseline(world, train_scenes, tables: dict, sets: dict, answers, recipe, details: dict) -> str:
+    """Train the late-fusion baseline on frozen CLIP features; add its per-type tables. -> the CLIP used."""
+    from minivl import clip as clip_lib
+    from minivl.vqa.baseline import ClipFeatures, predict_late_fusion, train_late_fusion
+    clip_model, used = _load_clip("clip-cpu")
+    if clip_model is None:
+        clip_model, used = _load_clip("clip-tiny")
+    if clip_model is None:  # no CLIP trained here yet: a random tower, said so in the metrics
+        minivl.seed_everything(0)
+        clip_model, used = clip_lib.CLIP(clip_lib.CLIPConfig.preset("tiny")).eval(), "random tiny CLIP (no checkpoint)"
+    feats = ClipFeatures(clip_model, getattr(clip_model, "tokenizer", None) or world_tokenizer())
+    mlp = train_late_fusion(feats, train_scenes, answers, steps=recipe.baseline_steps)
+    for name, scenes in sets.items():
+        preds = predict_late_fusion(mlp, feats, scenes)
+        tables[f"baseline_{name}"] = score(scenes, preds)
+        details[f"baseline_{name}_preds"] = preds
+    return used
+
+
+def _plots(run_dir: Path, history, tables: dict, sets: dict, details: dict) -> None:
+    import matplotlib.pyplot as plt
+
+    from minivl import viz
+    from minivl.viz import vqa as vqa_viz
+    curve = {"step": [r["step"] for r in history.train], "loss": [r["loss"] for r in history.train]}
+    viz.savefig(viz.plot_loss_curve(curve, title="VQA loss (BCE x answers)"), run_dir / "loss.png", close=True)
+    viz.savefig(vqa_viz.plot_type_accuracy(tables, title="VQA accuracy per question type"), run_dir / "per_type.png",
+                close=True)
+    name = next(iter(sets))
+    viz.savefig(vqa_viz.show_answers(sets[name], details[f"{name}_preds"], n=4), run_dir / "samples.png", close=True)
+    if "count_confusion" in details:
+        cm = details["count_confusion"]
+        viz.savefig(viz.plot_confusion_matrix(cm, [str(i) for i in range(len(cm))], title="count: true vs predicted"),
+                    run_dir / "count_confusion.png", close=True)
+    plt.close("all")
+
+
+def run(preset: str = "cpu", steps: int | None = None, device=None, out=None, seed: int = 0, bf16: bool = False,
+        progress: bool = True, checkpoint: str | Path | None = None, resume: bool = False, force: bool = False,
+        data=None, train=None, test=None, baseline: bool = True) -> dict:
+    """Train, evaluate, save; returns the metrics dict (also <run folder>/metrics.json).
+
+    data: a folder of VQA v2-style files; train/test: lists of records {"image", "question", "answers"}
+    (test defaults to a tenth of the training images). Without them: Shapes World.
+    """
+    recipe = choose(RECIPES, "VQA", preset, steps)
+    tokenizer = world_tokenizer()
+    own = data is not None or train is not None
+    world = World(image_size=ViltConfig.preset(preset, answers=("x",)).image_size)
+    if own:
+        if data is not None and train is not None:
+            raise ValueError("pass --data DIR or train=records, not both")
+        train = check_records(load_vqa_v2(data) if data is not None else train, "train")
+        if test is None:  # hold out a tenth of the images (never split one image's questions)
+            keys = sorted({str(r["image"]) if not isinstance(r["image"], np.ndarray) else id(r["image"])
+                           for r in train}, key=str)
+            random.Random(seed).shuffle(keys)
+            held = set(keys[:max(1, len(keys) // 10)]) if len(keys) > 1 else set()
+            key = lambda r: str(r["image"]) if not isinstance(r["image"], np.ndarray) else id(r["image"])  # noqa: E731
+            test = [r for r in train if key(r) in held] or train
+            train = [r for r in train if key(r) not in held] or train
+        test = check_records(test, "test")
+        answers = answer_vocabulary([r["answers"] for r in train], recipe.max_answers)
+    else:
+        answers = tuple(world.answers)
+    config = ViltConfig.preset(preset, answers=answers, pad_id=tokenizer.pad_id)
+    clip_model, clip_name = _load_clip(recipe.clip_init) if config.stem == "vit" else (None, None)
+    config, vision_weights = init_from_clip(config, clip_model)
+    run_dir, ckpt_dir = folders(f"vqa-{preset}", out, checkpoint)
+    packer = Packer(tokenizer, config.label2id, config.context_length, truncate=own)
+    S = config.image_size
+    if own:
+        train_scenes, test_scenes = records_to_scenes(train), records_to_scenes(test)
+        for s in test_scenes:
+            s["image"] = resize(load_image(s["image"]), S)
+        sets = {"test": test_scenes}
+        batches = record_batches(train_scenes, packer, S, recipe.batch_size, seed, not config.image_attends_text)
+    else:
+        sets = {"test": world_scenes(world, "test", recipe.eval_scenes),
+                "heldout": world_scenes(world, "heldout", recipe.heldout_scenes)}
+        batches = make_batches(world, packer, recipe.batch_size, recipe.single_object, seed, recipe.steps,
+                               recipe.objects_ramp, recipe.questions_per_scene if config.image_attends_text else 0)
+    quick = sets["test"][:recipe.quick_scenes]
+
+    minivl.seed_everything(seed)
+    model = ViltForQuestionAnswering(config)
+    if vision_weights is not None:
+        model.visual.load_state_dict(vision_weights)
+    model.tokenizer = tokenizer
+    trainer, history, timing = fit(model, batches, recipe, seed=seed, progress=progress, bf16=bf16, device=device,
+                                   run_dir=run_dir, resume=resume, force=force,
+                                   eval_fn=lambda m, step: {"acc": score(quick, predict_scenes(m, quick, tokenizer,
+                                                                                                truncate=own))["overall"]})
+    if not trainer.dist.main:
+        return {}
+    tables, details = {}, {}
+    with torch.no_grad(), trainer.autocast():
+        for name, scenes in sets.items():
+            preds = predict_scenes(model, scenes, tokenizer, truncate=own)
+            tables[name], details[f"{name}_preds"] = score(scenes, preds), preds
+    if not own:
+        details["count_confusion"] = count_confusion(sets["test"], details["test_preds"])
+    model.save(ckpt_dir, tokenizer)
+    used = None
+    if baseline and not own:
+        train_scenes = world_scenes(world, "train", recipe.baseline_scenes, offset=10**9)
+        used = _baseline(world, train_scenes, tables, sets, answers, recipe, details)
+    result = {**run_record(preset, recipe, trainer, history, timing, config=config, world=world,
+                           checkpoint=ckpt_dir, run_dir=run_dir),
+              "data": "own" if own else "shapes-world", "answers": len(answers), "baseline_clip": used,
+              "clip_init": clip_name if vision_weights is not None else None,
+              "accuracy": tables, "count_confusion": details.get("count_confusion", np.zeros(0)).tolist(),
+              "questions": {k: sum(len(s["questions"]) for s in v) for k, v in sets.items()}}
+    write_metrics(run_dir, result)
+    _plots(run_dir, history, tables, sets, details)
+    return result
+
+
+def summary(m: dict) -> str:
+    pct = lambda x: f"{100 * x:5.1f}"  # noqa: E731
+    acc = m["accuracy"]
+    types = [t for t in acc["test"] if t != "overall"]
+    lines = [f"VQA {m['preset']}: {m['steps']} steps in {m['train_seconds'] / 60:.1f} min " + timing_text(m),
+             "  " + f"{'':18s}" + " ".join(f"{t[:8]:>8s}" for t in ["overall", *types])]
+    for name, table in acc.items():
+        lines.append(f"  {name:18s}" + " ".join(f"{pct(table.get(t, float('nan'))):>8s}" for t in ["overall", *types]))
+    if m.get("baseline_clip"):
+        lines.append(f"  (baseline = frozen {m['baseline_clip']} embeddings + MLP)")
+    lines.append(f"  checkpoint: {m['checkpoint']}")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    result = run(args.preset, steps=args.steps, device=args.device, out=args.out, seed=args.seed, bf16=args.bf16,
+                 progress=True, resume=args.resume, force=args.force, data=getattr(args, "data", None))
+    if result:
+        print(summary(result))
+    return 0
+
+
+__all__ = ["VQARecipe", "RECIPES", "FAST_STEPS", "make_batches", "record_batches", "resize", "run", "summary", "main"]
+_ = dataclasses  # recipes are dataclasses (replace() in choose)
