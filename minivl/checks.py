@@ -324,6 +324,25 @@ def focal_loss(fn) -> None:
     _passed("focal_loss", rel_error(got, want))
 
 
+def box_bias(fn) -> None:
+    """fn(row, col, grid) -> (4,) the box bias of patch (row, col) in logit space: inverse sigmoid of the
+    normalised cxcywh box centred on the patch and one patch wide (OWL-ViT's prior)."""
+    from minivl.grounding.model import box_bias as ref
+    for grid in (4, 8):
+        table = ref(grid).double()
+        for row, col in ((0, 0), (1, grid - 1), (grid - 1, 2)):
+            got = _call(fn, "box_bias", row, col, grid)
+            want = table[row * grid + col]
+            plain = want.sigmoid()
+            swapped = table[col * grid + row]
+            corner = ref(grid, anchor="corner").double()[row * grid + col]
+            _compare(f"box_bias({row}, {col}, {grid})", torch.as_tensor(got).double(), want,
+                     [(plain, "that is the box itself: the bias lives in logit space, log(p / (1 - p))"),
+                      (swapped, "x goes with the column and y with the row (patches are numbered row by row)"),
+                      (corner, "the centre of patch (row, col) is ((col + 0.5) / grid, (row + 0.5) / grid)")], tol=1e-5)
+    _passed("box_bias")
+
+
 def match(fn) -> None:
     """fn(cost (N, G)) -> (rows, cols): a one-to-one assignment of the G targets to G of the N predictions
     with the least total cost (bipartite matching, as DETR and OWL-ViT train)."""
@@ -373,5 +392,5 @@ def assistant_labels(fn) -> None:
 
 CHECKS = {f.__name__: f for f in (box_iou, to_tensor, patch_embed, attention, merge, causal_mask, next_token_loss,
                                   contrastive_loss, zero_shot_classify, hard_negatives, soft_scores, vqa_loss, focal_loss,
-                                  match, assistant_labels)}
+                                  box_bias, match, assistant_labels)}
 __all__ = ["CheckError", "rel_error", *CHECKS]

@@ -191,6 +191,11 @@ def match_greedy(cost):
     return rows, cols
 
 
+def _bias_ok(r, c, g):
+    p = torch.tensor([(c + 0.5) / g, (r + 0.5) / g, 1 / g, 1 / g], dtype=torch.float64)
+    return torch.log(p + 1e-4) - torch.log1p(-p + 1e-4)
+
+
 def labels_ok(ids, a, e):
     out, inside = [], False
     for t in ids:
@@ -228,6 +233,8 @@ CASES = [  # check, a right implementation, [(a wrong one, words its hint must c
     (checks.focal_loss, focal_ok, [(lambda x, t, a, g: F.binary_cross_entropy_with_logits(x, t, reduction="none"), "plain BCE"),
                                    (lambda x, t, a, g: focal_ok(x, t, 0.5, g) * 2, "alpha")]),
     (checks.match, match_ok, [(match_greedy, "greedy")]),
+    (checks.box_bias, _bias_ok, [(lambda r, c, g: _bias_ok(r, c, g).sigmoid(), "logit space"),
+                                 (lambda r, c, g: _bias_ok(c, r, g), "row by row")]),
     (checks.assistant_labels, labels_ok, [(labels_no_end, "<|end|>"),
                                           (lambda ids, a, e: [t if t not in (a, e) else -100 for t in ids], "ignored")]),
 ]

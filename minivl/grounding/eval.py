@@ -1,0 +1,160 @@
+"""Evaluating open-vocabulary detection and grounding on Shapes World.
+
+- `detection_eval`: COCO-style AP (`minivl.metrics.detection.average_precision`: mAP@[.5:.95] and
+  mAP@0.5) for one kind of the world's detection prompts - "shapes" (all five shape names) or
+  "combos" (colour-shape pairs, absent ones included) - one class per phrase across all images.
+  On the "heldout" split the held-out pairs are queried *by their names*: the open-vocabulary
+  test, since no training image ever boxed (or named) them; `classes=` restricts the mean to them.
+- `referring_eval`: accuracy of `ground`'s top box (IoU >= 0.5) per expression type.
+- `precision_recall_curve`: the pooled curve at one IoU threshold, for plotting.
+
+Every image is scored against all P patches for each of its prompt's phrases (OWL-ViT has no NMS:
+the bipartite training already leaves one confident patch per object).
+
+The one idea to take away: AP judges the *ranking* of all (patch, phrase) scores over the test set,
+so a detector is good when true objects outrank every false alarm - in every image at once.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from minivl.data import image_to_tensor
+from minivl.metrics.boxes import box_convert, box_iou, referring_accuracy
+from minivl.metrics.detection import average_precision
+
+KINDS = ("shapes", "combos", "mixed")
+
+
+@torch.no_grad()
+def _scores(model, scenes, texts: list[str], batch_size: int = 100):
+    """(sigmoid scores (n, N, len(texts)), pixel xyxy boxes (n, N, 4)) of every scene's patches."""
+    embeds = torch.cat([model.embed_text(**model.tokenize(texts[i:i + 256])) for i in range(0, len(texts), 256)])
+    S = model.config.clip.vision.image_size
+    scores, boxes = [], []
+    for i in range(0, len(scenes), batch_size):
+        images = image_to_tensor(np.stack([s.image for s in scenes[i:i + batch_size]])).to(model.box_bias.device)
+        out = model(images, query_embeds=embeds)
+        scores.append(out.logits.float().sigmoid().cpu())
+        boxes.append(box_convert(out.pred_boxes.float(), "cxcywh", "xyxy").cpu() * S)
+    return torch.cat(scores), torch.cat(boxes)
+
+
+def detection_predictions(model, world, split: str = "test", n_scenes: int = 500, kind: str = "combos",
+                          offset: int = 0, batch_size: int = 100):
+    """-> (predictions, ground_truths, phrases) as `average_precision` reads them: per image, every
+    patch x every phrase of the scene's `kind` prompt (pixel xyxy boxes, label = index into phrases)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    scenes = [world.scene(offset + i, split) for i in range(n_scenes)]
+    queries = [next(q for q in world.detection(s) if q.type == kind) for s in scenes]
+    phrases = sorted({p for q in queries for p in q.phrases})
+    ids = {p: i for i, p in enumerate(phrases)}
+    scores, boxes = _scores(model, scenes, phrases, batch_size)  # (n, N, C), (n, N, 4)
+    preds, gts = [], []
+    for s, b, q in zip(scores, boxes, queries):
+        cols = torch.tensor([ids[p] for p in q.phrases])  # this prompt's classes
+        N = b.shape[0]
+        preds.append({"boxes": b.repeat(len(cols), 1), "scores": s[:, cols].T.reshape(-1),
+                      "labels": cols.repeat_interleave(N)})
+        gts.append({"boxes": torch.tensor(q.boxes, dtype=torch.float32).reshape(-1, 4),
+                    "labels": torch.tensor([ids[q.phrases[k]] for k in q.labels], dtype=torch.long)})
+    return preds, gts, phrases
+
+
+def detection_eval(model, world, split: str = "test", n_scenes: int = 500, kind: str = "combos",
+                   classes=None, offset: int = 0, details: dict | None = None) -> dict:
+    """{"AP": COCO mAP@[.5:.95], "AP50": mAP@0.5} over the phrases with ground truth (or only over
+    `classes`, phrase strings, e.g. the held-out pair names), plus "AP50_per_class"."""
+    preds, gts, phrases = detection_predictions(model, world, split, n_scenes, kind, offset)
+    res = average_precision(preds, gts)
+    keep = [i for i in res["AP_per_class"] if classes is None or phrases[i] in set(classes)]
+    if not keep:
+        raise ValueError(f"none of the classes {classes} has a ground-truth box in these {n_scenes} scenes")
+    if details is not None:
+        details.update(predictions=preds, ground_truths=gts, phrases=phrases)
+    return {"AP": float(np.mean([res["AP_per_class"][i] for i in keep])),
+            "AP50": float(np.mean([res["AP50_per_class"][i] for i in keep])),
+            "AP50_per_class": {phrases[i]: res["AP50_per_class"][i] for i in keep}}
+
+
+def heldout_names(world) -> list[str]:
+    """The held-out colour-shape pairs as query phrases: "red triangle", ..."""
+    return [f"{c} {s}" for c, s in world.config.heldout]
+
+
+@torch.no_grad()
+def referring_eval(model, world, split: str = "test", n_scenes: int = 300, offset: int = 0,
+                   batch_size: int = 100) -> dict:
+    """Referring accuracy (top box IoU >= 0.5) per expression type ("attribute", "relation",
+    "extreme") and over all, with the number of expressions of each type."""
+    scenes = [world.scene(offset + i, split) for i in range(n_scenes)]
+    refs = [world.referring(s) for s in scenes]
+    texts = sorted({r.text for rs in refs for r in rs})
+    col = {t: i for i, t in enumerate(texts)}
+    scores, boxes = _scores(model, scenes, texts, batch_size)  # (n, N, U), (n, N, 4)
+    pred, gt, kinds = [], [], []
+    for s, b, rs in zip(scores, boxes, refs):
+        for r in rs:
+            pred.append(b[int(s[:, col[r.text]].argmax())])
+            gt.append(torch.tensor(r.box, dtype=torch.float32))
+            kinds.append(r.type)
+    pred, gt = torch.stack(pred), torch.stack(gt)
+    out = {}
+    for kind in ("attribute", "relation", "extreme"):
+        rows = [i for i, k in enumerate(kinds) if k == kind]
+        if rows:
+            out[kind] = referring_accuracy(pred[rows], gt[rows])
+            out[f"n_{kind}"] = len(rows)
+    out["all"] = referring_accuracy(pred, gt)
+    return out
+
+
+def precision_recall_curve(predictions: list[dict], ground_truths: list[dict], iou: float = 0.5) -> dict:
+    """The pooled precision-recall curve at one IoU threshold, all classes together: detections
+    ranked by score; per image and class each takes the best still-free ground truth (greedy, as
+    COCO). -> {"precision", "recall", "scores"} (numpy arrays, one entry per detection)."""
+    flags, all_scores, n_gt = [], [], 0
+    for p, g in zip(predictions, ground_truths):
+        n_gt += len(g["labels"])
+        for c in torch.unique(torch.as_tensor(p["labels"])).tolist():
+            sel = torch.as_tensor(p["labels"]) == c
+            s, order = torch.as_tensor(p["scores"])[sel].sort(descending=True)
+            b = torch.as_tensor(p["boxes"])[sel][order]
+            gb = torch.as_tensor(g["boxes"]).reshape(-1, 4)[torch.as_tensor(g["labels"]) == c]
+            free = torch.ones(len(gb), dtype=torch.bool)
+            ious = box_iou(b, gb) if len(gb) else torch.zeros(len(b), 0)
+            for k in range(len(b)):
+                cand = torch.where(free, ious[k], torch.full_like(ious[k], -1.0)) if len(gb) else ious[k]
+                hit = len(gb) > 0 and cand.max() >= iou
+                if hit:
+                    free[int(cand.argmax())] = False
+                flags.append(bool(hit))
+            all_scores.append(s)
+    scores = torch.cat(all_scores).numpy() if all_scores else np.zeros(0)
+    order = np.argsort(-scores, kind="stable")
+    tp = np.asarray(flags, dtype=float)[order]
+    cum = np.cumsum(tp)
+    return {"precision": cum / np.arange(1, len(tp) + 1), "recall": cum / max(1, n_gt), "scores": scores[order]}
+
+
+def evaluate(model, world, n_scenes: int = 500, n_referring: int = 300) -> dict:
+    """The headline figures: AP / AP50 for shape and colour-shape queries on test scenes (seen pairs),
+    for the held-out pairs queried by name on held-out scenes, and referring accuracy per type."""
+    out = {}
+    for kind in ("shapes", "combos"):
+        r = detection_eval(model, world, "test", n_scenes, kind)
+        out[f"{kind}_AP"], out[f"{kind}_AP50"] = r["AP"], r["AP50"]
+    r = detection_eval(model, world, "heldout", n_scenes, "combos", classes=heldout_names(world))
+    out["heldout_AP"], out["heldout_AP50"] = r["AP"], r["AP50"]
+    out["heldout_AP50_per_pair"] = r["AP50_per_class"]
+    r = detection_eval(model, world, "heldout", n_scenes, "combos",
+                       classes=[f"{c} {s}" for c, s in world.train_combos])
+    out["heldout_scenes_seen_pairs_AP50"] = r["AP50"]
+    ref = referring_eval(model, world, "test", n_referring)
+    out.update({f"referring_{k}": v for k, v in ref.items()})
+    return out
+
+
+__all__ = ["KINDS", "detection_predictions", "detection_eval", "heldout_names", "referring_eval",
+           "precision_recall_curve", "evaluate"]

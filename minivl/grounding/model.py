@@ -1,0 +1,255 @@
+"""OWL-ViT at course scale: CLIP's towers, and two small heads on every output patch token.
+
+Follows "Simple Open-Vocabulary Object Detection with Vision Transformers" (Minderer et al., 2022),
+in the shape `transformers.OwlViTForObjectDetection` has (so `minivl.grounding.convert` ports its
+weights unchanged). The image tower is minivl's CLIP ViT; its pooling is dropped and *every* output
+patch token becomes a detection:
+
+1. merge: each patch token (after ln_post) is multiplied by the class token, then LayerNorm'd -
+   the class token carries the image-level context the patch alone lacks;
+2. box head: a 3-layer MLP predicts 4 offsets that are *added to a box bias* - the patch's own grid
+   position and a patch-sized box, written in logit space - and a sigmoid gives a normalised
+   (cx, cy, w, h) box; so an untrained model already predicts one sensible box per patch;
+3. class head: a linear map projects the token into CLIP's text-embedding space; after L2
+   normalisation its cosine with each text-query embedding is shifted and scaled by two scalars
+   the patch predicts itself: logit[n, q] = (cos(e_n, t_q) + shift_n) * (elu(scale_n) + 1).
+
+One logit per (patch, query): the queries are just text embeddings, so any phrase - or the
+embedding of an image crop - is a class. The one idea to take away: detection is classification of
+patches against text, plus a box per patch; the vocabulary lives entirely in the text tower.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from minivl import validate
+from minivl.checkpoint import Checkpointable
+from minivl.clip import CLIP, CLIPConfig
+
+# the towers are CLIP's presets of the same name (so a CLIP checkpoint loads into them); the head settings
+# are minivl's choices for a 5-minute CPU budget: a centre prior in the matching and dense box lessons
+HEADS = dict(cost_center=5.0, dense_boxes=1.0)
+PRESETS = {
+    "tiny": dict(clip="tiny", **HEADS),
+    "cpu": dict(clip="cpu", **HEADS),
+    "gpu": dict(clip="gpu", **HEADS),
+}
+BOX_ANCHORS = ("center", "corner")
+NORM_EPS = 1e-6  # added to the norm before dividing, as transformers' OWL-ViT class head does
+
+
+@dataclass
+class OWLViTConfig:
+    clip: CLIPConfig = field(default_factory=lambda: CLIPConfig.preset("tiny"))  # the two towers
+    box_anchor: str = "center"  # where the box bias sits in its patch: "center", or "corner" (bottom-right,
+    #                             what transformers/scenic OWL-ViT use; the port sets it)
+    focal_alpha: float = 0.25  # focal loss: weight of the positive (patch, query) pairs
+    focal_gamma: float = 2.0  # focal loss: how fast well-classified pairs fade from the loss
+    cost_class: float = 2.0  # matching cost and loss weight of the class term (DETR's / OWL-ViT's 2, 5, 2)
+    cost_l1: float = 5.0  # ... of the L1 distance of normalised cxcywh boxes
+    cost_giou: float = 2.0  # ... of 1 - generalised IoU
+    cost_center: float = 0.0  # matching cost only: weight of |patch centre - object centre|_1, a prior that
+    #                           makes the same patch (the one holding the object's centre) win every step
+    dense_boxes: float = 0.0  # weight of an extra L1 + GIoU term asking *every* patch whose centre lies in an
+    #                           object for that object's box (0: only the matched patch learns a box, as OWL-ViT)
+    prior_prob: float = 0.01  # the initial probability of every (patch, query) pair (RetinaNet's prior)
+    logit_scale_init: float = 1.0  # the initial elu(scale) + 1 of the class head: 1 as transformers inits it;
+    #                                larger lets a cosine move the logit further from the start
+
+    def __post_init__(self) -> None:
+        if isinstance(self.clip, dict):
+            self.clip = CLIPConfig(**self.clip)
+        if not isinstance(self.clip, CLIPConfig):
+            raise TypeError(f"OWLViTConfig.clip must be a CLIPConfig (or dict), got {type(self.clip).__name__}")
+        if self.box_anchor not in BOX_ANCHORS:
+            raise ValueError(f"box_anchor must be one of {BOX_ANCHORS}, got {self.box_anchor!r}")
+        self.focal_alpha = validate.real("focal_alpha", self.focal_alpha, 0, 1)
+        self.prior_prob = validate.real("prior_prob", self.prior_prob, 0, 1, low_open=True, high_open=True)
+        self.logit_scale_init = validate.real("logit_scale_init", self.logit_scale_init, 0, low_open=True)
+        for name in ("focal_gamma", "cost_class", "cost_l1", "cost_giou", "cost_center", "dense_boxes"):
+            setattr(self, name, validate.real(name, getattr(self, name), 0))
+
+    @property
+    def grid(self) -> int:
+        return self.clip.vision.grid
+
+    @classmethod
+    def preset(cls, name: str, pad_id: int | None = None, **overrides) -> "OWLViTConfig":
+        """A named preset: CLIP's preset of that name for the towers (pad_id passed to it), the preset's head settings."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown grounding preset {name!r}; choose from {sorted(PRESETS)}")
+        p = dict(PRESETS[name])
+        clip = CLIPConfig.preset(p.pop("clip"), **({} if pad_id is None else {"pad_id": pad_id}))
+        return cls(clip=overrides.pop("clip", clip), **{**p, **overrides})
+
+
+def box_bias(grid: int, anchor: str = "center") -> torch.Tensor:
+    """(grid*grid, 4) logits of the box each patch predicts before training: centred on the patch
+    (or at its bottom-right corner) and one patch wide. Patches are in row-major order, as the ViT's."""
+    steps = torch.arange(grid, dtype=torch.float32) + (0.5 if anchor == "center" else 1.0)
+    ys, xs = torch.meshgrid(steps / grid, steps / grid, indexing="ij")  # (g, g) each
+    xy = torch.stack([xs, ys], -1).reshape(-1, 2).clip(0.0, 1.0)  # (N, 2)
+    wh = torch.full_like(xy, 1.0 / grid)  # (N, 2)
+    inv_sigmoid = lambda p: torch.log(p + 1e-4) - torch.log1p(-p + 1e-4)  # noqa: E731 (as scenic)
+    return torch.cat([inv_sigmoid(xy), inv_sigmoid(wh)], -1)  # (N, 4)
+
+
+class BoxHead(nn.Module):
+    """Token (.., D) -> 4 box offsets in logit space: Linear-GELU-Linear-GELU-Linear."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.dense0, self.dense1, self.dense2 = nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense2(F.gelu(self.dense1(F.gelu(self.dense0(x)))))
+
+
+class ClassHead(nn.Module):
+    """Tokens (B, N, D) and queries (B, Q, E) -> logits (B, N, Q) and class embeddings (B, N, E)."""
+
+    def __init__(self, width: int, embed_dim: int, prior_prob: float = 0.01, scale_init: float = 1.0) -> None:
+        super().__init__()
+        self.dense0 = nn.Linear(width, embed_dim)  # into the text-embedding space
+        self.logit_shift = nn.Linear(width, 1)  # per patch: how likely *any* object is here
+        self.logit_scale = nn.Linear(width, 1)  # per patch: how sharp its similarities are
+        # elu(b) + 1 = scale_init: b = scale_init - 1 above 1, log(scale_init) below (elu(x) = e^x - 1 there)
+        nn.init.constant_(self.logit_scale.bias, scale_init - 1 if scale_init >= 1 else math.log(scale_init))
+        # start every (patch, query) at p = prior_prob (1%): most pairs are negatives, and a start at
+        # p = 0.5 would spend the first hundreds of steps only pushing them all down (RetinaNet's prior)
+        nn.init.constant_(self.logit_shift.bias, math.log(prior_prob / (1 - prior_prob)) / scale_init)
+
+    def forward(self, x: torch.Tensor, queries: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        class_embeds = self.dense0(x)  # (B, N, E)
+        if queries is None:
+            return None, class_embeds
+        e = class_embeds / (class_embeds.norm(dim=-1, keepdim=True) + NORM_EPS)
+        q = queries / (queries.norm(dim=-1, keepdim=True) + NORM_EPS)
+        cos = torch.einsum("bne,bqe->bnq", e, q)  # (B, N, Q)
+        return (cos + self.logit_shift(x)) * (F.elu(self.logit_scale(x)) + 1), class_embeds
+
+
+@dataclass
+class OWLViTOutput:
+    logits: torch.Tensor | None  # (B, N, Q) one logit per (patch, query); None without queries
+    pred_boxes: torch.Tensor  # (B, N, 4) normalised (cx, cy, w, h) in [0, 1], one box per patch
+    class_embeds: torch.Tensor  # (B, N, E) the patches in text-embedding space (unnormalised)
+    image_embeds: torch.Tensor  # (B, g, g, D) the merged patch tokens as a feature map
+    text_embeds: torch.Tensor | None  # (B, Q, E) the (normalised) query embeddings used
+
+
+class OWLViT(Checkpointable, nn.Module):
+    """Images (B, 3, H, W) in [-1, 1] and text queries -> per-patch logits (B, N, Q) and boxes (B, N, 4)."""
+
+    config_class = OWLViTConfig
+
+    def __init__(self, config: OWLViTConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        self.clip = CLIP(c.clip)
+        D, E = c.clip.vision.width, c.clip.embed_dim
+        self.layer_norm = nn.LayerNorm(D, eps=c.clip.vision.norm_eps)  # after the patch x class-token merge
+        self.box_head = BoxHead(D)
+        self.class_head = ClassHead(D, E, c.prior_prob, c.logit_scale_init)
+        self.register_buffer("box_bias", box_bias(c.grid, c.box_anchor), persistent=False)  # (N, 4)
+        self.tokenizer = None  # set by `load` (the CLIP tokenizer saved with the checkpoint)
+
+    @classmethod
+    def from_clip(cls, clip: CLIP, **overrides) -> "OWLViT":
+        """An OWL-ViT whose towers start as a copy of a trained `clip`, heads fresh."""
+        model = cls(OWLViTConfig(clip=clip.config, **overrides))
+        model.clip.load_state_dict(clip.state_dict())
+        model.tokenizer = getattr(clip, "tokenizer", None)
+        return model
+
+    # ------------------------------------------------------------------ the two towers
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> merged patch tokens (B, N, D): patch * class token, then LayerNorm."""
+        tokens = self.clip.visual(images).tokens  # (B, 1 + N, D), after ln_post
+        return self.layer_norm(tokens[:, 1:] * tokens[:, :1])  # (B, N, D)
+
+    def embed_text(self, input_ids, attention_mask=None) -> torch.Tensor:
+        """Token ids (Q, T) (with their mask) -> L2-normalised query embeddings (Q, E)."""
+        text = input_ids if isinstance(input_ids, dict) else {"input_ids": input_ids, "attention_mask": attention_mask}
+        t = self.clip.encode_text(text)  # (Q, E)
+        return t / t.norm(dim=-1, keepdim=True)
+
+    def boxes(self, features: torch.Tensor) -> torch.Tensor:
+        """Merged tokens (B, N, D) -> boxes (B, N, 4), normalised cxcywh: sigmoid(offsets + grid bias)."""
+        return torch.sigmoid(self.box_head(features) + self.box_bias.to(features.dtype))
+
+    def tokenize(self, texts: list[str]) -> dict:
+        """Phrases -> {input_ids, attention_mask} (Q, T) padded to the longest, on the model's device."""
+        from minivl.data import world_tokenizer
+        tokenizer = self.tokenizer if self.tokenizer is not None else world_tokenizer()
+        out = tokenizer(list(texts), context_length=self.config.clip.text.context_length, truncate=True,
+                        padding="longest")
+        device = self.box_bias.device
+        return {k: v.to(device) for k, v in out.items()}
+
+    # ------------------------------------------------------------------ detection
+    def forward(self, images: torch.Tensor, input_ids=None, attention_mask=None, *,
+                query_embeds: torch.Tensor | None = None, query_mask: torch.Tensor | None = None) -> OWLViTOutput:
+        """Detect the text queries in the images.
+
+        Queries: token ids (Q, T) shared by every image or (B, Q, T) one set per image (with their
+        attention_mask), or ready embeddings `query_embeds` (Q, E) / (B, Q, E) - text or image crops.
+        query_mask (B, Q) bool: False marks padding queries, whose logits become the dtype's minimum.
+        Returns OWLViTOutput: logits (B, N, Q) and pred_boxes (B, N, 4) normalised cxcywh.
+        """
+        features = self.image_features(images)  # (B, N, D)
+        B = features.shape[0]
+        if input_ids is not None and query_embeds is not None:
+            raise ValueError("pass text queries (input_ids) or query_embeds, not both")
+        if input_ids is not None:
+            ids = validate.tensor("input_ids", input_ids, kind="int")
+            if ids.dim() not in (2, 3):
+                raise ValueError(f"input_ids must be (Q, T) or (B, Q, T), got shape {tuple(ids.shape)}")
+            mask = attention_mask
+            if ids.dim() == 3:  # (B, Q, T): one query set per image
+                if ids.shape[0] != B:
+                    raise ValueError(f"input_ids (B, Q, T) has B={ids.shape[0]}, the images B={B}")
+                mask = None if mask is None else rearrange(mask, "b q t -> (b q) t")
+                query_embeds = rearrange(self.embed_text(rearrange(ids, "b q t -> (b q) t"), mask),
+                                         "(b q) e -> b q e", b=B)  # (B, Q, E)
+            else:
+                query_embeds = self.embed_text(ids, mask)  # (Q, E)
+        if query_embeds is not None:
+            query_embeds = validate.tensor("query_embeds", query_embeds, kind="float")
+            if query_embeds.dim() == 2:
+                query_embeds = query_embeds.expand(B, -1, -1)  # (B, Q, E): the same queries for every image
+            if query_embeds.dim() != 3 or query_embeds.shape[0] != B or \
+                    query_embeds.shape[-1] != self.config.clip.embed_dim:
+                raise ValueError(f"query_embeds must be (Q, {self.config.clip.embed_dim}) or (B={B}, Q, "
+                                 f"{self.config.clip.embed_dim}), got {tuple(query_embeds.shape)}")
+        logits, class_embeds = self.class_head(features, query_embeds)
+        if logits is not None and query_mask is not None:
+            query_mask = validate.tensor("query_mask", query_mask, shape=(B, logits.shape[-1]))
+            logits = logits.masked_fill(~query_mask.bool()[:, None, :], torch.finfo(logits.dtype).min)
+        g = self.config.grid
+        return OWLViTOutput(logits, self.boxes(features), class_embeds,
+                            rearrange(features, "b (h w) d -> b h w d", h=g, w=g), query_embeds)
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """Set loss on batch{image, input_ids (U, T), attention_mask, query_index (B, Q), target_boxes
+        (B, G, 4) normalised cxcywh, target_mask (B, G), target_labels (B, G, Q)}: see `minivl.grounding.loss`."""
+        from minivl.grounding.loss import set_loss
+        for key in ("image", "input_ids", "query_index", "target_boxes", "target_mask", "target_labels"):
+            if key not in batch:
+                raise ValueError(f"OWLViT.loss needs batch[{key!r}], got keys {sorted(batch)}")
+        features = self.image_features(batch["image"])  # (B, N, D)
+        texts = self.embed_text(batch["input_ids"], batch.get("attention_mask"))  # (U, E): each phrase once
+        index = batch["query_index"]  # (B, Q), -1 = padding
+        queries = texts[index.clamp_min(0)]  # (B, Q, E)
+        logits, _ = self.class_head(features, queries)  # (B, N, Q)
+        return set_loss(logits, self.boxes(features), index >= 0, batch["target_boxes"], batch["target_mask"],
+                        batch["target_labels"], self.config)
+
+
+__all__ = ["OWLViT", "OWLViTConfig", "OWLViTOutput", "PRESETS", "box_bias"]

@@ -1,0 +1,291 @@
+"""Grounding (OWL-ViT on CLIP's towers): the box bias, the class head, matching, the set loss,
+parity with transformers' OwlViTForObjectDetection, the Grounding-DINO / transformers calls, the
+training targets, the evaluation on known answers, and every bad input of the issue."""
+import numpy as np
+import pytest
+import torch
+
+from minivl.grounding import (OWLViT, OWLViTConfig, box_bias, ground, hungarian_match, make_batch, parse_phrase,
+                              post_process_object_detection, predict, precision_recall_curve, sigmoid_focal_loss,
+                              split_caption)
+from minivl.grounding.loss import dense_box_loss
+from minivl.grounding.matcher import patch_centres
+from minivl.grounding.predict import annotate, image_guided_detection, paste_crop
+from minivl.grounding.targets import boxes_to_targets, matches
+from minivl.metrics.boxes import box_convert
+from minivl.world import World
+
+PAD, EOS = 0, 500  # hand-made token rows: ids below EOS, so transformers' argmax pooling finds the EOS
+
+
+def tiny(seed=0, **overrides):
+    torch.manual_seed(seed)
+    from minivl.data import world_tokenizer
+    model = OWLViT(OWLViTConfig.preset("tiny", pad_id=world_tokenizer().pad_id, **overrides)).eval()
+    return model
+
+
+@pytest.fixture(scope="module")
+def world():
+    return World(image_size=32)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from minivl.data import world_tokenizer
+    return world_tokenizer()
+
+
+def token_rows(lengths, T=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, EOS, (len(lengths), T), generator=g)
+    mask = torch.ones_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, n - 1], ids[i, n:], mask[i, n:] = EOS, PAD, 0
+    return ids, mask
+
+
+# ---------------------------------------------------------------------------- the model
+def test_box_bias_puts_one_patch_sized_box_on_every_patch():
+    model = tiny()
+    for p in model.box_head.dense2.parameters():
+        torch.nn.init.zeros_(p)  # no offsets: the bias alone
+    out = model(torch.zeros(1, 3, 32, 32))
+    g = model.config.grid
+    centres = (torch.arange(g) + 0.5) / g
+    boxes = out.pred_boxes[0].reshape(g, g, 4)  # (row, col, cxcywh)
+    torch.testing.assert_close(boxes[0, :, 0], centres, atol=1e-3, rtol=0)  # x runs along a row
+    torch.testing.assert_close(boxes[:, 0, 1], centres, atol=1e-3, rtol=0)  # y down a column
+    torch.testing.assert_close(boxes[..., 2:], torch.full((g, g, 2), 1 / g), atol=1e-3, rtol=0)
+    corner = box_bias(g, "corner").sigmoid()
+    assert torch.allclose(corner[0, :2], torch.tensor([1 / g, 1 / g]), atol=1e-3)
+
+
+def test_shapes_and_shared_queries_equal_per_image_queries():
+    model = tiny()
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    ids, mask = token_rows([8, 5, 3])
+    shared = model(images, ids, mask)
+    per_image = model(images, ids[None].expand(2, -1, -1), mask[None].expand(2, -1, -1))
+    assert shared.logits.shape == (2, 16, 3) and shared.pred_boxes.shape == (2, 16, 4)
+    assert shared.image_embeds.shape == (2, 4, 4, 32) and shared.class_embeds.shape == (2, 16, 32)
+    torch.testing.assert_close(shared.logits, per_image.logits)
+    assert ((shared.pred_boxes >= 0) & (shared.pred_boxes <= 1)).all()
+
+
+def test_query_and_text_padding_change_no_real_logit():
+    model = tiny()
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    ids, mask = token_rows([6, 4])
+    base = model(images, ids, mask).logits
+    longer = torch.cat([ids, torch.zeros(2, 5, dtype=torch.long)], 1), torch.cat([mask, torch.zeros(2, 5).long()], 1)
+    torch.testing.assert_close(model(images, *longer).logits, base, atol=1e-5, rtol=0)
+    q = model.embed_text(ids, mask)
+    padded = torch.cat([q, torch.randn(1, q.shape[1])])[None].expand(2, -1, -1)
+    out = model(images, query_embeds=padded, query_mask=torch.tensor([[True, True, False]] * 2))
+    torch.testing.assert_close(out.logits[..., :2], base, atol=1e-5, rtol=0)
+    assert (out.logits[..., 2] == torch.finfo(out.logits.dtype).min).all()
+
+
+def test_save_load_round_trip(tmp_path, tokenizer):
+    model = tiny()
+    model.save(tmp_path / "g", tokenizer)
+    back = OWLViT.load(tmp_path / "g")
+    images = torch.rand(1, 3, 32, 32) * 2 - 1
+    ids, mask = token_rows([4])
+    torch.testing.assert_close(back(images, ids, mask).logits, model(images, ids, mask).logits)
+    assert back.tokenizer is not None and back.config == model.config
+
+
+# ---------------------------------------------------------------------------- parity with transformers
+def test_hf_parity_logits_and_boxes():
+    transformers = pytest.importorskip("transformers")
+    from minivl.grounding.convert import from_transformers, hf_config_from, state_dict_from_hf
+    config = OWLViTConfig.preset("tiny", pad_id=PAD)
+    torch.manual_seed(0)
+    hf = transformers.OwlViTForObjectDetection(hf_config_from(config, eos_token_id=EOS, pad_token_id=PAD)).eval()
+    with torch.no_grad():  # move norms and biases off their 1 / 0 init so every tensor matters
+        for p in hf.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert set(state_dict_from_hf(hf.state_dict())) == set(OWLViT(config).state_dict())  # every tensor named
+    ours = from_transformers(hf, pad_id=PAD).eval()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)).clamp(-3, 3)
+    ids, mask = token_rows([8, 5, 3, 7, 2, 6])  # 2 images x 3 queries each
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values=images, attention_mask=mask)
+        out = ours(images, ids.reshape(2, 3, -1), mask.reshape(2, 3, -1))
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.pred_boxes, ref.pred_boxes, atol=1e-5, rtol=0)
+    unit = out.class_embeds / (out.class_embeds.norm(dim=-1, keepdim=True) + 1e-6)  # HF returns them normalised
+    torch.testing.assert_close(unit, ref.class_embeds, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------- matching and loss
+def test_focal_loss_reduces_to_bce_and_fades_easy_pairs():
+    logits, targets = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([1.0, 0.0, 0.0])
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    torch.testing.assert_close(sigmoid_focal_loss(logits, targets, alpha=-1, gamma=0.0), bce)
+    focal = sigmoid_focal_loss(logits, targets, alpha=-1, gamma=2.0)
+    p_t = torch.tensor([torch.sigmoid(torch.tensor(2.0)), 1 - torch.sigmoid(torch.tensor(-1.0)),
+                        1 - torch.sigmoid(torch.tensor(0.5))])
+    torch.testing.assert_close(focal, bce * (1 - p_t) ** 2)
+    assert (focal < bce).all()
+
+
+def test_hungarian_is_one_to_one_where_greedy_is_not():
+    # patch 0 is the cheapest for both objects; the least total cost gives object 0 to patch 1
+    cost = torch.tensor([[[1.0, 0.0], [2.0, 9.0], [9.0, 9.0]]])  # (B=1, N=3, G=2)
+    (rows, cols), = hungarian_match(cost, torch.tensor([[True, True]]))
+    assert sorted(zip(rows.tolist(), cols.tolist())) == [(0, 1), (1, 0)]
+    (rows, cols), = hungarian_match(cost, torch.tensor([[False, True]]))  # padding targets are left out
+    assert rows.tolist() == [0] and cols.tolist() == [1]
+
+
+def test_dense_box_loss_reaches_the_patches_inside_objects():
+    centres = patch_centres(16)
+    assert torch.allclose(centres[1], torch.tensor([0.375, 0.125]))
+    target = torch.tensor([[[0.25, 0.25, 0.5, 0.5]]])  # the top-left quarter: 4 patch centres of 16
+    pred = torch.full((1, 16, 4), 0.5, requires_grad=True)
+    loss = dense_box_loss(pred, target, torch.tensor([[True]]), OWLViTConfig())
+    loss.backward()
+    touched = (pred.grad.abs().sum(-1) > 0).reshape(4, 4)
+    assert touched[:2, :2].all() and touched.sum() == 4
+
+
+def test_loss_overfits_one_batch(world, tokenizer):
+    model = tiny(dense_boxes=1.0, logit_scale_init=10.0).train()
+    batch = make_batch(world, [world.scene(i) for i in range(4)], tokenizer, 40, np.random.default_rng(0))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(60):
+        loss, logs = model.loss(batch)
+        first = first if first is not None else (loss.item(), logs["matched_giou"].item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.3 * first[0]
+    assert logs["matched_giou"].item() > max(0.6, first[1])
+
+
+# ---------------------------------------------------------------------------- targets
+def test_phrase_reading_agrees_with_the_worlds_detection_boxes(world):
+    for i in range(40):
+        scene = world.scene(i, "train")
+        for q in world.detection(scene):
+            for k, phrase in enumerate(q.phrases):
+                mine = sorted(o.box for o in scene.objects if matches(o, parse_phrase(world, phrase)))
+                assert mine == sorted(b for b, lab in zip(q.boxes, q.labels) if lab == k)
+
+
+def test_training_batches_never_query_a_heldout_pair(world, tokenizer):
+    batch = make_batch(world, [world.scene(i) for i in range(16)], tokenizer, 40, np.random.default_rng(0))
+    texts = [tokenizer.decode(row[m.bool()].tolist()) for row, m in zip(batch["input_ids"], batch["attention_mask"])]
+    held = [f"{c} {s}" for c, s in world.config.heldout]
+    assert not any(h in t for t in texts for h in held)
+    assert batch["target_labels"].shape[:2] == batch["target_boxes"].shape[:2]
+    assert (batch["target_labels"].sum(-1)[batch["target_mask"]] > 0).all()  # every object answers a query
+
+
+# ---------------------------------------------------------------------------- the calls users know
+def test_predict_agrees_with_post_process_and_batches(world):
+    model = tiny()
+    images = [world.scene(i, "test").image for i in range(3)]
+    caption = "circle . red square"
+    single = predict(model, images[0], caption, box_threshold=0.0, text_threshold=0.0)
+    batched = predict(model, images, caption, box_threshold=0.0, text_threshold=0.0)
+    assert len(batched) == 3
+    torch.testing.assert_close(batched[0][0], single[0])
+    boxes, logits, phrases = single
+    assert boxes.shape == (16, 4) and logits.shape == (16,) and all(p for p in phrases)
+    assert all(" . " not in p or set(p.split(" . ")) <= {"circle", "red square"} for p in phrases)
+    from minivl.grounding.predict import as_images
+    out = model(as_images(model, images[0])[0], **model.tokenize(split_caption(caption)))
+    post = post_process_object_detection(out, threshold=0.0, target_sizes=[(32, 32)])[0]
+    torch.testing.assert_close(box_convert(boxes, "cxcywh", "xyxy") * 32, post["boxes"])
+    torch.testing.assert_close(logits, post["scores"])
+    assert set(post["labels"].tolist()) <= {0, 1}
+    keep = predict(model, images[0], caption, box_threshold=0.99)[0]
+    assert len(keep) == len(post_process_object_detection(out, 0.99)[0]["boxes"])
+
+
+def test_split_caption_never_merges_across_separators():
+    assert split_caption("circle . red  square .") == ["circle", "red square"]
+    assert split_caption("circle") == ["circle"]
+
+
+def test_ground_annotate_and_image_guided_queries(world):
+    model = tiny()
+    scene = world.scene(0, "test")
+    box, score = ground(model, scene.image, "the leftmost object")
+    assert box.shape == (4,) and 0 < score < 1 and (box[2:] >= box[:2]).all()
+    boxes, logits, phrases = predict(model, scene.image, "circle . square", box_threshold=0.0)
+    picture = annotate(scene.image, boxes[:3], logits[:3], phrases[:3])
+    assert picture.dtype == np.uint8 and picture.shape == (128, 128, 3)
+    x1, y1, x2, y2 = scene.objects[0].box
+    canvas, where = paste_crop(model, scene.image[y1:y2, x1:x2])
+    assert canvas.shape == (32, 32, 3) and (where[2] - where[0], where[3] - where[1]) == (x2 - x1, y2 - y1)
+    found, scores = image_guided_detection(model, scene.image, scene.image[y1:y2, x1:x2], threshold=0.0)
+    assert found.shape == (16, 4) and scores.shape == (16,)
+
+
+# ---------------------------------------------------------------------------- evaluation on known answers
+def test_precision_recall_curve_on_hand_built_detections():
+    gts = [{"boxes": torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30]]), "labels": torch.tensor([0, 0])}]
+    preds = [{"boxes": torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10], [20, 20, 30, 30]]),
+              "scores": torch.tensor([0.9, 0.8, 0.7]), "labels": torch.tensor([0, 0, 0])}]
+    curve = precision_recall_curve(preds, gts)
+    np.testing.assert_allclose(curve["precision"], [1.0, 0.5, 2 / 3])  # the duplicate is a false positive
+    np.testing.assert_allclose(curve["recall"], [0.5, 0.5, 1.0])
+
+
+def test_detection_eval_runs_on_a_tiny_model(world):
+    from minivl.grounding import detection_eval, referring_eval
+    model = tiny()
+    r = detection_eval(model, world, "test", 6, "combos")
+    assert 0 <= r["AP"] <= r["AP50"] <= 1
+    ref = referring_eval(model, world, "test", 4)
+    assert 0 <= ref["all"] <= 1
+
+
+# ---------------------------------------------------------------------------- bad input (the issue's list)
+def test_empty_caption_raises(world):
+    with pytest.raises(ValueError, match="empty"):
+        predict(tiny(), world.scene(0).image, "   ")
+
+
+def test_caption_of_only_separators_raises(world):
+    with pytest.raises(ValueError, match="only separators"):
+        predict(tiny(), world.scene(0).image, " . . ")
+
+
+@pytest.mark.parametrize("kwargs", [dict(box_threshold=1.5), dict(box_threshold=-0.1), dict(text_threshold=2.0)])
+def test_thresholds_outside_unit_interval_raise(world, kwargs):
+    with pytest.raises(ValueError, match="threshold"):
+        predict(tiny(), world.scene(0).image, "circle", **kwargs)
+
+
+def test_inverted_training_box_raises(world, tokenizer):
+    with pytest.raises(ValueError, match="x2 >= x1"):
+        boxes_to_targets([[10, 5, 4, 20]], 32)
+    model = tiny()
+    batch = make_batch(world, [world.scene(0)], tokenizer, 40)
+    batch["target_boxes"][0, 0, 2] = -0.1  # a negative width: x2 < x1 in cxcywh
+    with pytest.raises(ValueError, match="x2 < x1"):
+        model.loss(batch)
+
+
+def test_image_of_wrong_shape_raises():
+    model = tiny()
+    with pytest.raises(ValueError, match=r"\(32, 32, 3\)"):
+        predict(model, np.zeros((64, 64, 3), np.uint8), "circle")
+    with pytest.raises(ValueError, match=r"\(3, 32, 32\)"):
+        predict(model, torch.zeros(3, 16, 16), "circle")
+
+
+def test_every_parameter_but_clips_pooling_path_gets_a_gradient(world, tokenizer):
+    model = tiny().train()
+    loss, _ = model.loss(make_batch(world, [world.scene(i) for i in range(2)], tokenizer, 40))
+    loss.backward()
+    no_grad = {n for n, p in model.named_parameters() if p.grad is None}
+    # OWL-ViT reads every patch token, not CLIP's pooled image embedding, and has no contrastive temperature
+    assert no_grad == {"clip.visual_projection.weight", "clip.logit_scale"}
