@@ -259,6 +259,29 @@ def hard_negatives(fn) -> None:
     _passed("hard_negatives")
 
 
+def caption_labels(fn) -> None:
+    """fn(ids (B, L), mask (B, L), P) -> labels: a copy of ids with -100 (no loss) at the first P positions
+    (the decoder's start token and the text prompt, which are given, not predicted) and at padding."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 50, (3, 9), generator=g)
+    mask = torch.tensor([[1] * 9, [1] * 6 + [0] * 3, [1] * 4 + [0] * 5])
+    for P in (1, 3):
+        got = _call(fn, "caption_labels", ids.clone(), mask.clone(), P)
+        want = ids.masked_fill(mask == 0, -100)
+        want[:, :P] = -100
+        if not torch.is_tensor(got) or got.shape != want.shape:
+            raise CheckError(f"caption_labels: expected a tensor of shape {tuple(want.shape)}, got "
+                             f"{tuple(got.shape) if torch.is_tensor(got) else type(got).__name__}")
+        if not torch.equal(got.long(), want):
+            pad_kept = bool(((got == ids) & (mask == 0)).any())
+            hint = ("padding must be -100 too (mask == 0)" if pad_kept else
+                    f"the first P = {P} positions (start token + prompt) are -100: the prompt is given, not predicted")
+            raise CheckError(f"caption_labels(P={P}): expected\n{want}\ngot\n{got}. Hint: {hint}")
+        if torch.equal(ids, want):
+            raise CheckError("caption_labels: ids itself changed: return a copy (masked_fill, clone)")
+    _passed("caption_labels")
+
+
 # ---------------------------------------------------------------- 05 VQA
 def soft_scores(fn) -> None:
     """fn(answers: list of the annotators' answers, label2id) -> (A,) float tensor: the VQA accuracy each
@@ -391,6 +414,6 @@ def assistant_labels(fn) -> None:
 
 
 CHECKS = {f.__name__: f for f in (box_iou, to_tensor, patch_embed, attention, merge, causal_mask, next_token_loss,
-                                  contrastive_loss, zero_shot_classify, hard_negatives, soft_scores, vqa_loss, focal_loss,
+                                  contrastive_loss, zero_shot_classify, hard_negatives, caption_labels, soft_scores, vqa_loss, focal_loss,
                                   box_bias, match, assistant_labels)}
 __all__ = ["CheckError", "rel_error", *CHECKS]

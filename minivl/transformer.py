@@ -182,12 +182,17 @@ def _take(x: torch.Tensor, index: int | torch.Tensor) -> torch.Tensor:
 
 
 class Block(nn.Module):
-    """Pre-norm block: self-attention, optional cross-attention to a memory, MLP; each residual."""
+    """Pre-norm block: self-attention, optional cross-attention to a memory, MLP; each residual.
+
+    post_norm=True places each LayerNorm after its residual sum instead, x = LN(x + f(x)), as the
+    original Transformer and BERT do (BLIP's text side); the modules and their names are the same.
+    """
 
     def __init__(self, dim: int, n_heads: int, *, mlp_ratio: float = 4.0, activation: str = "gelu",
                  cross_attention: bool = False, memory_dim: int | None = None, norm_eps: float = 1e-5,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, post_norm: bool = False) -> None:
         super().__init__()
+        self.post_norm = post_norm
         self.ln_1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, n_heads, dropout=dropout)
         self.cross_attn = Attention(dim, n_heads, memory_dim=memory_dim, dropout=dropout) if cross_attention else None
@@ -195,17 +200,25 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = MLP(dim, int(dim * mlp_ratio), activation, dropout)
         self.drop = nn.Dropout(dropout)
+        # with need_weights, the last call's cross-attention weights (B, H, T, S): where each text
+        # token looked in the memory (Transformer.forward collects them as `cross_attentions`)
+        self.cross_weights: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, is_causal: bool = False,
                 memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None,
                 cache: LayerCache | None = None, need_weights: bool = False,
-                query_index: int | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                query_index: int | torch.Tensor | None = None, use_cross_attention: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x (B, T, D) -> (B, T, D) and, with need_weights, the self-attention weights.
 
         Masks come prepared by `Transformer.forward` (`build_mask` output). With query_index (an int
         or (B,)), only that token of each row is computed, -> (B, 1, D): its query reads the keys and
-        values of every token, then the MLP runs on it alone.
+        values of every token, then the MLP runs on it alone. use_cross_attention=False skips this
+        block's cross-attention (a BLIP text encoder in its unimodal mode: same weights, no image).
         """
+        if self.post_norm:
+            return self._post_norm(x, mask, is_causal, memory, memory_mask, cache, need_weights, query_index,
+                                   use_cross_attention)
         h = self.ln_1(x)  # (B, T, D)
         if query_index is None:
             a, weights = self.attn(h, mask=mask, is_causal=is_causal, cache=cache.self_attn if cache else None,
@@ -214,14 +227,32 @@ class Block(nn.Module):
             x = _take(x, query_index)  # (B, 1, D)
             a, weights = self.attn(_take(h, query_index), h, mask=mask, need_weights=need_weights)
         x = x + self.drop(a)
-        if self.cross_attn is not None:
+        if self.cross_attn is not None and use_cross_attention:
             if memory is None:
                 raise ValueError("this block has cross-attention: pass `memory` (what to attend to)")
-            a, _ = self.cross_attn(self.ln_cross(x), memory, mask=memory_mask,
-                                   cache=cache.cross_attn if cache else None)
+            a, self.cross_weights = self.cross_attn(self.ln_cross(x), memory, mask=memory_mask,
+                                                    cache=cache.cross_attn if cache else None,
+                                                    need_weights=need_weights)
             x = x + self.drop(a)
         x = x + self.mlp(self.ln_2(x))
         return x, weights
+
+    def _post_norm(self, x, mask, is_causal, memory, memory_mask, cache, need_weights, query_index,
+                   use_cross_attention):
+        """BERT's order: every sub-layer's output is added to its input, then normalised."""
+        if query_index is not None:
+            raise ValueError("pool_index is not supported by post-norm blocks")
+        a, weights = self.attn(x, mask=mask, is_causal=is_causal, cache=cache.self_attn if cache else None,
+                               need_weights=need_weights)
+        x = self.ln_1(x + self.drop(a))  # (B, T, D)
+        if self.cross_attn is not None and use_cross_attention:
+            if memory is None:
+                raise ValueError("this block has cross-attention: pass `memory` (what to attend to)")
+            a, self.cross_weights = self.cross_attn(x, memory, mask=memory_mask,
+                                                    cache=cache.cross_attn if cache else None,
+                                                    need_weights=need_weights)
+            x = self.ln_cross(x + self.drop(a))
+        return self.ln_2(x + self.mlp(x)), weights
 
 
 @dataclass
@@ -229,19 +260,21 @@ class TransformerOutput:
     last_hidden_state: torch.Tensor  # (B, T, D); (B, D) with pool_index
     hidden_states: list[torch.Tensor] | None = None  # depth + 1 entries: the input, then each block's output
     attentions: list[torch.Tensor] | None = None  # depth entries of (B, H, T, S)
+    cross_attentions: list[torch.Tensor] | None = None  # with need_weights and a memory: depth x (B, H, T, S_mem)
 
 
 class Transformer(nn.Module):
-    """A stack of `depth` pre-norm blocks (the final LayerNorm belongs to the model using it)."""
+    """A stack of `depth` pre-norm blocks (the final LayerNorm belongs to the model using it);
+    post_norm=True builds BERT-style post-norm blocks instead (see `Block`)."""
 
     def __init__(self, dim: int, depth: int, n_heads: int, *, mlp_ratio: float = 4.0, activation: str = "gelu",
                  cross_attention: bool = False, memory_dim: int | None = None, norm_eps: float = 1e-5,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, post_norm: bool = False) -> None:
         super().__init__()
         self.dim, self.cross_attention = dim, cross_attention
         self.blocks = nn.ModuleList(
             Block(dim, n_heads, mlp_ratio=mlp_ratio, activation=activation, cross_attention=cross_attention,
-                  memory_dim=memory_dim, norm_eps=norm_eps, dropout=dropout)
+                  memory_dim=memory_dim, norm_eps=norm_eps, dropout=dropout, post_norm=post_norm)
             for _ in range(depth))
 
     def new_cache(self) -> list[LayerCache]:
@@ -251,8 +284,8 @@ class Transformer(nn.Module):
     def forward(self, x: torch.Tensor, *, attention_mask: torch.Tensor | None = None, causal: bool = False,
                 memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None,
                 cache: list[LayerCache] | None = None, need_weights: bool = False,
-                output_hidden_states: bool = False, pool_index: int | torch.Tensor | None = None
-                ) -> TransformerOutput:
+                output_hidden_states: bool = False, pool_index: int | torch.Tensor | None = None,
+                use_cross_attention: bool = True) -> TransformerOutput:
         """x (B, T, D) through every block.
 
         attention_mask (B, past + T): 1 = real, 0 = pad, over the cached positions too. causal: each
@@ -261,12 +294,16 @@ class Transformer(nn.Module):
         return only that token's output (B, D). Nothing else reads the other tokens' outputs of
         the last block, so it computes attention for that one query and the MLP on that one token:
         the same numbers at about 1/depth less cost (how CLIP reads its embeddings).
+        use_cross_attention=False runs a cross-attention stack without its cross-attention (no
+        memory): BLIP's text transformer as a unimodal encoder, with the same weights.
         """
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"transformer input must be (B, T, {self.dim}), got {tuple(x.shape)}")
         if cache is not None and len(cache) != len(self.blocks):
             raise ValueError(f"cache has {len(cache)} layers, the transformer has {len(self.blocks)}")
-        if self.cross_attention and memory is None:
+        if not use_cross_attention and memory is not None:
+            raise ValueError("memory given with use_cross_attention=False: nothing would read it")
+        if self.cross_attention and memory is None and use_cross_attention:
             raise ValueError("this transformer has cross-attention: pass memory (B, S, memory_dim)")
         if not self.cross_attention and memory is not None:
             raise ValueError("memory given but the model was built with cross_attention=False")
@@ -295,15 +332,20 @@ class Transformer(nn.Module):
         attentions = [] if need_weights else None
         for i, block in enumerate(blocks):
             x, weights = block(x, mask=mask, is_causal=fused_causal, memory=memory, memory_mask=memory_mask,
-                               cache=cache[i] if cache else None, need_weights=need_weights)
+                               cache=cache[i] if cache else None, need_weights=need_weights,
+                               use_cross_attention=use_cross_attention)
             if hidden is not None:
                 hidden.append(x)
             if attentions is not None:
                 attentions.append(weights)
         if pool_index is not None:
-            x, _ = last(x, mask=pool_mask, memory=memory, memory_mask=memory_mask, query_index=pool_index)
+            x, _ = last(x, mask=pool_mask, memory=memory, memory_mask=memory_mask, query_index=pool_index,
+                        use_cross_attention=use_cross_attention)
             x = x[:, 0]  # (B, D)
-        return TransformerOutput(x, hidden, attentions)
+        cross = None
+        if need_weights and memory is not None and use_cross_attention:
+            cross = [block.cross_weights for block in blocks]
+        return TransformerOutput(x, hidden, attentions, cross)
 
 def _pool_mask(pool_index: int | torch.Tensor, attention_mask: torch.Tensor | None, causal: bool, T: int,
                device: torch.device) -> torch.Tensor | None:

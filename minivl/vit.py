@@ -48,6 +48,8 @@ class ViTConfig:
     # CLIP does with its dataset's mean/std; identity by default (what ported CLIP weights expect)
     image_mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     image_std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    patch_bias: bool = False  # a bias in the patch embedding (BLIP's ViT has one, CLIP's does not)
+    ln_pre: bool = True  # LayerNorm before the blocks (CLIP's ln_pre; BLIP's ViT has none)
 
     def __post_init__(self) -> None:  # a bad field fails here, not as a shape error in the first forward
         validate.config_fields(self, ints=dict(image_size=1, patch_size=1, width=1, depth=0, heads=1, num_classes=0),
@@ -116,10 +118,10 @@ class VisionTransformer(Checkpointable, nn.Module):
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
         self.config = c = config
-        self.patch_embed = nn.Conv2d(3, c.width, kernel_size=c.patch_size, stride=c.patch_size, bias=False)
+        self.patch_embed = nn.Conv2d(3, c.width, kernel_size=c.patch_size, stride=c.patch_size, bias=c.patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(c.width))
         self.pos_embed = nn.Parameter(torch.zeros(1 + c.grid**2, c.width))
-        self.ln_pre = nn.LayerNorm(c.width, eps=c.norm_eps)
+        self.ln_pre = nn.LayerNorm(c.width, eps=c.norm_eps) if c.ln_pre else nn.Identity()
         self.transformer = Transformer(c.width, c.depth, c.heads, mlp_ratio=c.mlp_ratio, activation=c.activation,
                                        norm_eps=c.norm_eps, dropout=c.dropout)
         self.ln_post = nn.LayerNorm(c.width, eps=c.norm_eps)

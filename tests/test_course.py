@@ -226,6 +226,8 @@ CASES = [  # check, a right implementation, [(a wrong one, words its hint must c
       (lambda im: torch.from_numpy(im).float() / 127.5 - 1, "channels first")]),
     (checks.hard_negatives, negatives_ok, [(negatives_argmax, "samples"), (negatives_uniform, "softmax"),
                                            (negatives_unmasked, "positive")]),
+    (checks.caption_labels, lambda ids, m, P: torch.cat([torch.full_like(ids[:, :P], -100), ids[:, P:].masked_fill(m[:, P:] == 0, -100)], 1),
+     [(lambda ids, m, P: ids.masked_fill(m == 0, -100), "first P"), (lambda ids, m, P: torch.cat([torch.full_like(ids[:, :P], -100), ids[:, P:]], 1), "padding")]),
     (checks.soft_scores, soft_ok, [(lambda ans, l2i: torch.tensor([min(1.0, ans.count(a) / 3) for a in l2i]), "leave one out")]),
     (checks.vqa_loss, lambda x, t: F.binary_cross_entropy_with_logits(x, t) * t.shape[-1],
      [(lambda x, t: F.binary_cross_entropy_with_logits(x, t), "number of answers"),
