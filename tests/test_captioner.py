@@ -11,6 +11,8 @@ from minivl.captioner import data as own_data
 from minivl.data import world_tokenizer
 from minivl.transformer import Block
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only oversubscribe the cores
+
 
 @pytest.fixture(scope="module")
 def tok():

@@ -11,6 +11,8 @@ import minivl.clip as clip
 from minivl.clip import CLIP, CLIPConfig, clip_loss
 from minivl.tokenizer import Tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only oversubscribe the cores
+
 PAD, EOS = 0, 5  # ids used by the hand-made token batches below
 
 

@@ -15,6 +15,8 @@ from minivl.grounding.targets import boxes_to_targets, matches
 from minivl.metrics.boxes import box_convert
 from minivl.world import World
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only oversubscribe the cores
+
 PAD, EOS = 0, 500  # hand-made token rows: ids below EOS, so transformers' argmax pooling finds the EOS
 
 

@@ -18,6 +18,7 @@ def test_there_are_notebooks():
 def test_notebook_runs_in_fast_mode(path, monkeypatch):
     monkeypatch.setenv("MINIVL_FAST", "1")  # the kernel inherits this environment
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # fast mode trains tiny models: a second thread only waits for the first
     nb = nbformat.read(path, as_version=4)
     for cell in nb.cells:
         if cell.cell_type == "code":
