@@ -389,6 +389,22 @@ def match(fn) -> None:
 
 
 # ---------------------------------------------------------------- 07 multimodal LLM
+def pixel_shuffle(fn) -> None:
+    """fn(x (B, N, D) patch tokens on a g x g grid, row-major; r) -> (B, N / r², r² D): token (i, j) of the
+    output concatenates the r x r patches (i r + a, j r + b), a then b (nanoVLM's space-to-depth)."""
+    from minivl.mllm.model import pixel_shuffle as ref
+    g = torch.Generator().manual_seed(0)
+    for N, D, r in ((16, 3, 2), (64, 5, 2), (36, 2, 3)):
+        x = torch.randn(2, N, D, generator=g, dtype=torch.float64)
+        want = ref(x, r)
+        got = _call(fn, "pixel_shuffle", x.clone(), r)
+        naive = x.reshape(2, N // r ** 2, r ** 2 * D)  # consecutive tokens of a row, not a square block
+        _compare(f"pixel_shuffle(N={N}, r={r})", got.double() if torch.is_tensor(got) else got, want,
+                 [(naive, "a plain reshape groups r² tokens of one row: reshape to (B, g/r, r, g/r, r, D) and "
+                          "move the two r axes next to D before flattening")])
+    _passed("pixel_shuffle")
+
+
 def assistant_labels(fn) -> None:
     """fn(ids: list[int], assistant_id, end_id) -> labels: the id on every token after an <|assistant|> marker
     up to and including its <|end|>, and -100 (ignored by the loss) everywhere else."""
@@ -415,5 +431,5 @@ def assistant_labels(fn) -> None:
 
 CHECKS = {f.__name__: f for f in (box_iou, to_tensor, patch_embed, attention, merge, causal_mask, next_token_loss,
                                   contrastive_loss, zero_shot_classify, hard_negatives, caption_labels, soft_scores, vqa_loss, focal_loss,
-                                  box_bias, match, assistant_labels)}
+                                  box_bias, match, pixel_shuffle, assistant_labels)}
 __all__ = ["CheckError", "rel_error", *CHECKS]

@@ -217,6 +217,24 @@ class CausalLM(Checkpointable, nn.Module):
             memory_mask = validate.attention_mask("memory_mask", memory_mask, tuple(memory.shape[:2]))
         return memory.to(self.token_embedding.weight.dtype), memory_mask
 
+    @torch.no_grad()
+    def resize_position_embeddings(self, context_length: int) -> "CausalLM":
+        """Grow (or cut) the learned positions to `context_length`, in place; updates the config.
+
+        The positions the model was trained on keep their vectors; each new one starts as a copy of
+        the last trained position plus small noise (a prefix of image tokens pushes the text past
+        the contexts a caption LM saw, and that nearest vector is a better start than zeros)."""
+        n = validate.positive_int("context_length", context_length)
+        old = self.pos_embed.data
+        new = old[:n].clone()
+        if n > old.shape[0]:
+            extra = old[-1:].expand(n - old.shape[0], -1) + 0.01 * torch.randn(n - old.shape[0], old.shape[1],
+                                                                               device=old.device, dtype=old.dtype)
+            new = torch.cat([new, extra], 0)  # (n, D)
+        self.pos_embed = nn.Parameter(new)
+        self.config.context_length = n
+        return self
+
     # ------------------------------------------------------------------ generation
     # The engine's functions as methods, as transformers users expect (`lm.generate(ids, ...)`):
     # the engine's first argument, `decoder`, is this model.

@@ -237,6 +237,8 @@ CASES = [  # check, a right implementation, [(a wrong one, words its hint must c
     (checks.match, match_ok, [(match_greedy, "greedy")]),
     (checks.box_bias, _bias_ok, [(lambda r, c, g: _bias_ok(r, c, g).sigmoid(), "logit space"),
                                  (lambda r, c, g: _bias_ok(c, r, g), "row by row")]),
+    (checks.pixel_shuffle, lambda x, r: rearrange(x, "b (h a w c) d -> b (h w) (a c d)", h=int(x.shape[1] ** .5) // r, a=r, c=r),
+     [(lambda x, r: x.reshape(x.shape[0], x.shape[1] // r ** 2, -1), "plain reshape")]),
     (checks.assistant_labels, labels_ok, [(labels_no_end, "<|end|>"),
                                           (lambda ids, a, e: [t if t not in (a, e) else -100 for t in ids], "ignored")]),
 ]

@@ -1,0 +1,210 @@
+"""Train the LLaVA-style multimodal LLM in two stages; evaluate it in chat form.
+
+    python -m minivl train mllm [--preset tiny|cpu|cpu-long|cpu-64tok|gpu] [--stage 1|2|both] [--data DIR]
+
+Stage 1 (LLaVA's feature alignment): CLIP and the LM frozen, the projector alone learns to turn
+patch features into inputs the caption LM can read, on image -> caption chats. Stage 2 (visual
+instruction tuning): projector + LM on multi-turn conversations (describe, count, locate, and
+questions of every type), loss on the assistant's tokens only. Both use `TrainConfig.freeze` /
+`lr_scale`, each stage logs its own history (run folder stage1/ and stage2/), and the model is
+evaluated after stage 1 and after both. The vision tower starts from data/checkpoints/clip-<p>
+and the LM from data/checkpoints/lm-<p> when they exist (p = cpu for the cpu presets), from
+scratch otherwise (tests, CI). `--stage 2` starts from the saved mllm checkpoint when there is one.
+`--data DIR` trains on a LLaVA-format folder (DIR/data.json + images) instead of Shapes World.
+
+The one idea to take away: the expensive parts (CLIP, the LM) are trained already; the bridge is
+trained first while they stay fixed, so the LM is not disturbed by random image vectors.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import minivl
+from minivl.checkpoint import CONFIG, checkpoints_dir, load_model, resolve
+from minivl.data import world_tokenizer
+from minivl.mllm import LlavaModel, LlavaProcessor, MLLMConfig, load_parts
+from minivl.mllm import data as mdata
+from minivl.mllm.eval import evaluate
+from minivl.recipes import Recipe, choose, folders, resume_point, run_record, timed_fit, train_config, write_metrics
+from minivl.train import Trainer
+from minivl.world import World
+
+
+@dataclass(frozen=True)
+class MLLMRecipe(Recipe):
+    """Steps count both stages together; `stage1_share` of them go to stage 1."""
+
+    model: str = "cpu"  # the MLLMConfig preset
+    stage1_share: float = 0.15  # fraction of the steps spent on stage 1 (projector alone, captions)
+    stage1_lr: float = 2e-3  # stage 1 trains a fresh projector: a higher lr than stage 2's
+    lm_lr_scale: float = 1.0  # stage 2: the LM's lr relative to the projector's
+    n_questions: int = 5  # questions of distinct types per stage-2 chat (beside the world's turns)
+    world_turns: float = 0.3  # share of stage-2 chats that also carry describe/count/locate turns
+    ramp: float = 0.0  # object-count curriculum: 1 object -> the world's max over this share of each stage
+    pixel_shuffle: int | None = None  # override of the model preset's (1 = every patch a token)
+    projector_depth: int | None = None  # override of the model preset's (2 = LLaVA-1.5)
+    parts: str | None = "cpu"  # CLIP / LM checkpoints to start from (clip-<parts>, lm-<parts>); None = scratch
+    eval_test: int = 1000  # test scenes asked one question of every type after both stages
+    eval_heldout: int = 300  # held-out scenes (one unseen colour-shape pair each)
+    eval_other: int = 300  # scenes for captions, boxes and POPE
+    eval_stage1: int = 200  # test scenes for the evaluation after stage 1
+
+
+RECIPES = {
+    "tiny": MLLMRecipe(steps=30, batch_size=8, lr=3e-3, warmup_steps=3, weight_decay=0.0, model="tiny", parts=None,
+                       n_questions=2, eval_test=2, eval_heldout=1, eval_other=1, eval_stage1=1),
+    # about 4 min of training on 2 free cores (stage 1 ~16 steps/s, stage 2 ~3.5 steps/s)
+    "cpu": MLLMRecipe(steps=900, batch_size=32, lr=1.5e-3, warmup_steps=30, weight_decay=0.0, stage1_share=0.25,
+                      stage1_lr=3e-3, ramp=0.5),
+    "cpu-long": MLLMRecipe(steps=3600, batch_size=32, lr=1.5e-3, warmup_steps=60, weight_decay=0.0, stage1_share=0.15,
+                           stage1_lr=3e-3, ramp=0.4),
+    # every patch its own token (64 instead of 16): the pixel-shuffle comparison
+    "cpu-64tok": MLLMRecipe(steps=900, batch_size=32, lr=1.5e-3, warmup_steps=30, weight_decay=0.0, stage1_share=0.25,
+                            stage1_lr=3e-3, ramp=0.5, pixel_shuffle=1, eval_test=500, eval_heldout=200, eval_other=200),
+    "gpu": MLLMRecipe(steps=6000, batch_size=128, lr=5e-4, warmup_steps=200, weight_decay=0.0, model="gpu",
+                      parts="gpu", bf16=True),
+}
+FAST_STEPS = 6  # what a notebook trains in fast mode (MINIVL_FAST=1), on the tiny preset
+STAGES = ("1", "2", "both")
+
+
+def build(recipe: MLLMRecipe, tokenizer) -> LlavaModel:
+    """The model of a recipe, its tower and LM filled from the CLIP / LM checkpoints when present."""
+    overrides = {k: v for k, v in (("pixel_shuffle", recipe.pixel_shuffle),
+                                   ("projector_depth", recipe.projector_depth)) if v is not None}
+    parts = {}
+    if recipe.parts is not None:
+        for name in ("clip", "lm"):
+            path = checkpoints_dir() / f"{name}-{recipe.parts}"
+            if (resolve(path) / CONFIG).is_file():
+                parts[name] = load_model(path)
+    vision = dict(dataclasses.asdict(parts["clip"].config.vision)) if "clip" in parts else {}
+    config = MLLMConfig.preset(recipe.model, vision=vision, **overrides)
+    if tokenizer.vocab_size != config.lm.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model preset {config.lm.vocab_size}")
+    model = load_parts(LlavaModel(config), parts.get("clip"), parts.get("lm"))
+    model.tokenizer = tokenizer
+    model.parts = sorted(parts)  # which checkpoints it started from (reported in metrics.json)
+    return model
+
+
+def _fit_stage(model, batches, recipe, stage: int, steps: int, *, seed, progress, bf16, device, run_dir, resume,
+               force):
+    """One stage through the shared Trainer: stage 1 freezes the tower and the LM, stage 2 the tower."""
+    lr = recipe.stage1_lr if stage == 1 else recipe.lr
+    r = dataclasses.replace(recipe, steps=steps, lr=lr, warmup_steps=min(recipe.warmup_steps, steps // 5))
+    freeze = ("vision", "lm") if stage == 1 else ("vision",)
+    lr_scale = {} if stage == 1 or recipe.lm_lr_scale == 1.0 else {"lm": recipe.lm_lr_scale}
+    cfg = dataclasses.replace(train_config(r, seed, progress, bf16), freeze=freeze, lr_scale=lr_scale)
+    stage_dir = Path(run_dir) / f"stage{stage}"
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(model, batches, cfg, out_dir=stage_dir, device=device)
+    history, timing = timed_fit(trainer, resume_point(stage_dir, steps, resume, force))
+    model.eval()
+    return trainer, history, timing
+
+
+def run(preset: str = "cpu", steps: int | None = None, device=None, out=None, seed: int = 0, bf16: bool = False,
+        progress: bool = True, checkpoint: str | Path | None = None, resume: bool = False, force: bool = False,
+        stage: str | None = "both", data: str | Path | None = None) -> dict:
+    """Train stage 1, 2 or both, evaluate, save; returns the metrics dict (also in <run folder>/metrics.json)."""
+    stage = "both" if stage is None else str(stage)
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    recipe = choose(RECIPES, "MLLM", preset, steps)
+    tokenizer = world_tokenizer()
+    run_dir, ckpt_dir = folders(f"mllm-{preset}", out, checkpoint)
+    minivl.seed_everything(seed)
+    if stage == "2" and (resolve(ckpt_dir) / CONFIG).is_file():
+        model = load_model(ckpt_dir)  # stage 2 on top of an earlier stage-1 run
+        model.parts = ["mllm checkpoint"]
+    else:
+        model = build(recipe, tokenizer)
+    processor = LlavaProcessor.from_model(model)
+    world = World(image_size=model.config.vision.image_size)
+    n1 = max(1, round(recipe.steps * recipe.stage1_share)) if stage != "2" else 0
+    n2 = recipe.steps - n1 if stage != "1" else 0
+    if stage == "both" and n2 < 1:
+        raise ValueError(f"{recipe.steps} steps leave none for stage 2; ask for more steps")
+    if data is not None:
+        records = mdata.load_llava_json(Path(data) / "data.json", Path(data))
+        firsts = [{**r, "conversations": r["conversations"][:2]} for r in records]
+        sources = {1: mdata.folder_batches(firsts, processor, recipe.batch_size, seed),
+                   2: mdata.folder_batches(records, processor, recipe.batch_size, seed)}
+    else:
+        sources = {k: mdata.world_batches(world, processor, recipe.batch_size, k, seed, recipe.n_questions,
+                                          recipe.world_turns, round(recipe.ramp * n)) for k, n in ((1, n1), (2, n2))}
+    result, stages, timings = {}, {}, {}
+    kw = dict(seed=seed, progress=progress, bf16=bf16, device=device, run_dir=run_dir, resume=resume, force=force)
+    trainer = None
+    for k, n in ((1, n1), (2, n2)):
+        if not n:
+            continue
+        trainer, history, timing = _fit_stage(model, sources[k], recipe, k, n, **kw)
+        if not trainer.dist.main:
+            return {}
+        timings[k] = timing
+        stages[k] = {"steps": n, "train_seconds": timing["train_seconds"], "final_loss": history.train[-1]["loss"],
+                     "history": [{"step": h["step"], "loss": h["loss"]} for h in history.train]}
+        if k == 1 and n2:  # the "stage 1 only" column: same model before instruction tuning
+            with torch.no_grad(), trainer.autocast():
+                stages[1]["eval"] = evaluate(model, processor, world, recipe.eval_stage1, 0, recipe.eval_stage1)
+    model.save(ckpt_dir, tokenizer)
+    with torch.no_grad(), trainer.autocast():
+        metrics = evaluate(model, processor, world, recipe.eval_test, recipe.eval_heldout, recipe.eval_other)
+    timing = {key: sum(t[key] for t in timings.values()) for key in ("steps_trained", "train_seconds",
+                                                                     "train_cpu_seconds")}
+    last = timings[max(timings)]
+    timing.update(torch_threads=last["torch_threads"], loadavg_1min=timings[min(timings)]["loadavg_1min"])
+    result = {**run_record(preset, recipe, trainer, history, timing, config=model.config, world=world,
+                           checkpoint=ckpt_dir, run_dir=run_dir),
+              "stage": stage, "started_from": getattr(model, "parts", []), "num_image_tokens":
+              model.config.num_image_tokens, "stages": stages, **metrics}
+    write_metrics(run_dir, result)
+    _plots(model, processor, world, stages, run_dir, min(6, recipe.eval_other))
+    return result
+
+
+def _plots(model, processor, world, stages, run_dir, n_chats: int = 6) -> None:
+    from minivl.viz import mllm as vz
+    from minivl.viz import savefig
+    savefig(vz.plot_stage_losses(stages), Path(run_dir) / "loss.png", close=True)
+    scenes = [world.scene(i, "test") for i in range(n_chats)]
+    savefig(vz.show_chats(model, processor, scenes, world), Path(run_dir) / "chats.png", close=True)
+
+
+def summary(m: dict) -> str:
+    pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+    lines = [f"mllm-{m['preset']} (stage {m['stage']}, {m['num_image_tokens']} image tokens, from "
+             f"{m['started_from'] or 'scratch'}): {m['steps_trained']} steps in {m['train_seconds'] / 60:.1f} min "
+             f"(load {m['loadavg_1min'][0]:.1f}, {m['train_cpu_seconds'] / 60:.1f} CPU-min)"]
+    for k, s in m["stages"].items():
+        lines.append(f"  stage {k}: {s['steps']} steps, {s['train_seconds']:.0f} s, final loss {s['final_loss']:.3f}")
+    for split in ("test", "heldout"):
+        if split not in m:
+            continue
+        r = m[split]
+        q = r["questions"]
+        lines.append(f"  {split:7s} answers {pct(q['overall'])} (min type {pct(q['min_type'])}): "
+                     + ", ".join(f"{t} {pct(v)}" for t, v in q["by_type"].items()))
+        lines.append(f"          captions exact {pct(r['captions']['exact_scene'])}, CHAIR {r['captions']['chair']:.3f}"
+                     f" | boxes IoU>=.5 {pct(r['boxes']['acc_iou50'])} | POPE acc {pct(r['pope']['accuracy'])}"
+                     f" F1 {r['pope']['f1']:.3f} yes-ratio {r['pope']['yes_ratio']:.2f}")
+    if "eval" in m["stages"].get("1", m["stages"].get(1, {})):
+        e = m["stages"].get("1", m["stages"].get(1))["eval"]["test"]
+        lines.append(f"  after stage 1 only: answers {pct(e['questions']['overall'])}, captions exact "
+                     f"{pct(e['captions']['exact_scene'])}, POPE F1 {e['pope']['f1']:.3f}")
+    return "\n".join(lines + [f"  checkpoint: {m['checkpoint']}"])
+
+
+def main(args) -> int:
+    result = run(args.preset, steps=args.steps, device=args.device, out=args.out, seed=args.seed, bf16=args.bf16,
+                 resume=args.resume, force=args.force, stage=getattr(args, "stage", None),
+                 data=getattr(args, "data", None))
+    if result:
+        print(summary(result))
+    return 0

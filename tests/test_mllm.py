@@ -1,0 +1,289 @@
+"""The LLaVA-style multimodal LLM: bridge, chat template, processor, generation, parity, training."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from minivl import mllm
+from minivl.mllm import chat
+from minivl.mllm.data import collate_chats, load_llava_json, question_chat, world_batches, write_llava_folder
+from minivl.mllm.eval import parse_box
+from minivl.world import World
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only oversubscribe the cores
+
+
+@pytest.fixture(scope="module")
+def world():
+    return World(image_size=32)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = mllm.LlavaModel(mllm.MLLMConfig.preset("tiny")).eval()
+    return model, mllm.LlavaProcessor.from_model(model)
+
+
+def _images(world, n, split="test"):
+    return [world.scene(i, split).image for i in range(n)]
+
+
+# ---------------------------------------------------------------- the bridge
+def test_image_tokens_are_penultimate_patches_projected(tiny, world):
+    model, processor = tiny
+    pixels = processor(text="<image>", images=_images(world, 1))["pixel_values"]
+    feats = model.get_image_features(pixels)
+    assert feats.shape == (1, model.config.num_image_tokens, model.config.lm.width) == (1, 16, 32)
+    hidden = model.vision(pixels, output_hidden_states=True).hidden_states  # depth + 1 states
+    by_hand = model.projector(hidden[len(hidden) - 2][:, 1:])  # penultimate layer, class token dropped
+    torch.testing.assert_close(feats, by_hand)
+    lin1, lin2 = model.projector.layers
+    torch.testing.assert_close(feats, lin2(torch.nn.functional.gelu(lin1(hidden[-2][:, 1:]))))
+
+
+def test_pixel_shuffle_regroups_neighbours():
+    x = torch.arange(16).float().reshape(1, 16, 1)  # a 4 x 4 grid of patch ids, row-major
+    y = mllm.pixel_shuffle(x, 2)  # (1, 4, 4): one token per 2 x 2 block
+    assert y.shape == (1, 4, 4)
+    assert y[0, 0].tolist() == [0, 1, 4, 5] and y[0, 3].tolist() == [10, 11, 14, 15]
+    cfg = mllm.MLLMConfig.preset("tiny", pixel_shuffle=2)
+    assert cfg.num_image_tokens == mllm.MLLMConfig.preset("tiny").num_image_tokens // 4
+    model = mllm.LlavaModel(cfg)
+    assert model.get_image_features(torch.zeros(2, 3, 32, 32)).shape == (2, 4, 32)
+    with pytest.raises(ValueError, match="divide the patch grid"):
+        mllm.MLLMConfig.preset("tiny", pixel_shuffle=3)
+
+
+def test_vision_is_frozen_and_stage_freezing(tiny):
+    model = mllm.LlavaModel(mllm.MLLMConfig.preset("tiny"))
+    assert not any(p.requires_grad for p in model.vision.parameters())
+    model.train()
+    assert not model.vision.training and model.lm.training
+
+
+# ---------------------------------------------------------------- chat template and processor
+def test_chat_template_and_readable_spelling(tiny):
+    _, processor = tiny
+    messages = [{"role": "user", "content": "<image>\nWhat is in this image?"}, {"role": "assistant", "content": "A cat."},
+                {"role": "user", "content": "Sure?"}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert text == "<|user|><image>\nWhat is in this image?<|end|><|assistant|>A cat.<|end|><|user|>Sure?<|end|><|assistant|>"
+    readable = "USER: <image>\nWhat is in this image?\nASSISTANT: A cat.\nUSER: Sure?\nASSISTANT:"
+    assert chat.normalize(readable) == text
+    assert processor.encode(readable) == processor.encode(text)
+    llava = [{"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "yes"}]
+    assert chat.apply_chat_template(llava) == "<|user|><image>\nhi<|end|><|assistant|>yes<|end|>"
+
+
+def test_loss_mask_is_assistant_tokens_only(tiny):
+    _, processor = tiny
+    conv = [{"from": "human", "value": "<image>\nIs there a square?"}, {"from": "gpt", "value": "no"},
+            {"from": "human", "value": "How many?"}, {"from": "gpt", "value": "There are 2 objects."}]
+    ids, labels = processor.encode_conversation(conv)
+    tok = processor.tokenizer
+    kept = [i for i, lab in zip(ids, labels) if lab != chat.IGNORE]
+    assert tok.decode(kept, skip_special_tokens=False) == "no<|end|>There are 2 objects.<|end|>"
+    assert all(lab == chat.IGNORE for i, lab in zip(ids, labels) if i == processor.image_token_id)
+    assert ids.count(processor.image_token_id) == processor.num_image_tokens
+
+
+def test_image_expansion_and_left_padding(tiny, world):
+    _, processor = tiny
+    out = processor(text=["<image>\nhi", "a <image> b <image>"], images=[[_images(world, 1)[0]], _images(world, 2)])
+    ids, mask = out["input_ids"], out["attention_mask"]
+    assert out["pixel_values"].shape == (3, 3, 32, 32)
+    assert (ids == processor.image_token_id).sum(1).tolist() == [16, 32]
+    assert mask[0, 0] == 0 and mask[:, -1].tolist() == [1, 1]  # left padding: the ends line up
+    assert (ids[mask == 0] == processor.pad_id).all()
+
+
+# ---------------------------------------------------------------- the model
+def test_loss_at_uniform_logits_is_log_vocab(tiny, world):
+    model, processor = tiny
+    pixels = processor(text=["<image>"] * 2, images=_images(world, 2))["pixel_values"]
+    batch = collate_chats(processor, pixels, [question_chat(world, world.scene(i, "train"), np.random.default_rng(i), 2,
+                                                            False) for i in range(2)])
+    m = mllm.LlavaModel(model.config)
+    with torch.no_grad():
+        m.lm.ln_final.weight.zero_()
+        m.lm.ln_final.bias.zero_()  # every logit 0: the loss is exactly log V
+    loss, logs = m.loss(batch)
+    assert loss.item() == pytest.approx(math.log(model.config.lm.vocab_size), abs=1e-5)
+    assert 0 <= logs["token_acc"] <= 1
+
+
+def test_overfits_one_batch(world):
+    torch.manual_seed(0)
+    model = mllm.LlavaModel(mllm.MLLMConfig.preset("tiny"))
+    processor = mllm.LlavaProcessor.from_model(model)
+    batch = world_batches(world, processor, 2, 2, n_questions=2, world_turns=0.0)(0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    first = None
+    for _ in range(80):
+        loss, _ = model.loss(batch)
+        first = first or loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.3 < first
+
+
+def test_batched_generation_equals_alone_and_cache(tiny, world):
+    model, processor = tiny
+    prompts = ["USER: <image>\nWhat is in this image?\nASSISTANT:", "USER: <image>\nHow many?\nASSISTANT: There"]
+    images = _images(world, 2)
+    batch = processor(text=prompts, images=images)
+    together = model.generate(**batch, max_new_tokens=6)
+    no_cache = model.generate(**batch, max_new_tokens=6, use_cache=False)
+    assert torch.equal(together, no_cache)
+    for i in range(2):
+        alone = model.generate(**processor(text=prompts[i], images=images[i]), max_new_tokens=6)
+        assert torch.equal(alone[0], together[i, :alone.shape[1]])
+    texts = processor.batch_decode(together, skip_special_tokens=True)
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    sampled = model.generate(**batch, max_new_tokens=4, do_sample=True, top_k=5,
+                             generator=torch.Generator().manual_seed(0))
+    assert sampled.shape[0] == 2
+
+
+def test_save_load_round_trip(tiny, world, tmp_path):
+    model, processor = tiny
+    model.save(tmp_path / "m")
+    back = mllm.LlavaModel.load(tmp_path / "m").eval()
+    batch = processor(text="USER: <image>\nhi\nASSISTANT:", images=_images(world, 1))
+    torch.testing.assert_close(back(**batch), model(**batch), rtol=0, atol=0)
+    assert back.tokenizer is not None and back.config == model.config
+
+
+# ---------------------------------------------------------------- parity with transformers
+def test_full_logits_parity_with_transformers_llava(world):
+    pytest.importorskip("transformers")
+    from transformers import LlavaForConditionalGeneration
+
+    from minivl.mllm import convert
+    torch.manual_seed(0)
+    hf = LlavaForConditionalGeneration(convert.hf_config_from(mllm.MLLMConfig.preset("tiny"),
+                                                              attn_implementation="eager")).eval()
+    with torch.no_grad():  # larger weights than HF's std 0.02, so a wrong name or layout shows clearly
+        for p in hf.parameters():
+            p.mul_(5.0 if p.dim() > 1 else 1.0)
+    ours = convert.from_transformers(hf).eval()
+    processor = mllm.LlavaProcessor.from_model(ours)
+    images = _images(world, 3)
+    batch = processor(text=["USER: <image>\nWhat is this?\nASSISTANT: a red", "USER: <image> and <image>\nSame?\nASSISTANT:"],
+                      images=[[images[0]], images[1:]], padding_side="right")  # HF's positions ignore the mask
+    with torch.no_grad():
+        theirs = hf(**batch).logits
+        mine = ours(**batch)
+        real = batch["attention_mask"].bool()
+        assert mine.abs().max() > 1.0
+        torch.testing.assert_close(mine[real], theirs[real], rtol=0, atol=1e-5)
+        hf_feats = hf.model.get_image_features(batch["pixel_values"]).pooler_output
+        torch.testing.assert_close(ours.get_image_features(batch["pixel_values"]), torch.stack(list(hf_feats)),
+                                   rtol=0, atol=1e-5)
+    back = convert.to_transformers(ours)  # and the way back (the bench races this one)
+    with torch.no_grad():
+        torch.testing.assert_close(back(**batch).logits[real], mine[real], rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- bad input (one test each)
+def test_more_or_fewer_images_than_placeholders(tiny, world):
+    model, processor = tiny
+    with pytest.raises(ValueError, match=r"1 <image> placeholder\(s\).*2 image\(s\)"):
+        processor(text="USER: <image>\nhi", images=_images(world, 2))
+    with pytest.raises(ValueError, match=r"2 <image> placeholder\(s\).*1 image\(s\)"):
+        processor(text="<image> <image>", images=_images(world, 1))
+    batch = processor(text="<image> x", images=_images(world, 1))
+    with pytest.raises(ValueError, match="16 image tokens, but 2 image"):
+        model(batch["input_ids"], batch["attention_mask"], torch.cat([batch["pixel_values"]] * 2))
+
+
+def test_prompt_over_context_after_expansion(tiny, world):
+    _, processor = tiny
+    n = processor.context_length // processor.num_image_tokens + 1  # fits as words, not as image tokens
+    with pytest.raises(ValueError, match="after expanding .* more than the context length 192"):
+        processor(text="<image>" * n, images=_images(world, n))
+
+
+def test_unknown_role(tiny):
+    _, processor = tiny
+    with pytest.raises(ValueError, match="unknown role 'system'"):
+        processor.apply_chat_template([{"role": "system", "content": "be nice"}])
+    with pytest.raises(ValueError, match="unknown role 'bot'"):
+        processor.encode_conversation([{"from": "human", "value": "<image>"}, {"from": "bot", "value": "x"}])
+
+
+def test_generation_with_no_room_left(tiny, world):
+    model, processor = tiny
+    batch = processor(text="USER: <image>\nhi\nASSISTANT:", images=_images(world, 1))
+    T = batch["input_ids"].shape[1]
+    with pytest.raises(ValueError, match=f"no room left to generate: the prompt is {T} tokens"):
+        model.generate(**batch, max_new_tokens=model.config.lm.context_length - T + 1)
+
+
+# ---------------------------------------------------------------- data, evaluation, recipe
+def test_llava_json_folder_round_trip(world, tmp_path, tiny):
+    _, processor = tiny
+    path = write_llava_folder(world, tmp_path / "ds", 3)
+    records = load_llava_json(path)
+    assert len(records) == 3 and records[0]["conversations"][0]["from"] == "human"
+    from minivl.mllm.data import folder_batches
+    batch = folder_batches(records, processor, 2)(0)
+    assert batch["pixel_values"].shape == (2, 3, 32, 32)
+    assert (batch["labels"] != chat.IGNORE).any()
+
+
+def test_parse_box():
+    assert parse_box("The red circle is at [0.12, 0.30, 0.41, 0.62].") == (0.12, 0.30, 0.41, 0.62)
+    assert parse_box("somewhere") is None
+
+
+def test_recipe_two_stages_freeze_and_load(tmp_path):
+    from minivl.recipes import mllm as recipe
+    m = recipe.run("tiny", steps=6, out=tmp_path / "run", checkpoint=tmp_path / "ckpt", progress=False)
+    assert set(m["stages"]) == {1, 2} and m["stages"][1]["steps"] == 1 and m["stages"][2]["steps"] == 5
+    for split in ("test", "heldout"):
+        assert set(m[split]) == {"questions", "captions", "boxes", "pope"}
+        assert 0 <= m[split]["pope"]["yes_ratio"] <= 1
+    assert "eval" in m["stages"][1]
+    assert (tmp_path / "run" / "loss.png").is_file() and (tmp_path / "run" / "chats.png").is_file()
+    assert mllm.LlavaModel.load(tmp_path / "ckpt").tokenizer is not None
+    with pytest.raises(ValueError, match="stage must be one of"):
+        recipe.run("tiny", stage="3", out=tmp_path / "x", checkpoint=tmp_path / "y")
+
+
+def test_stage1_trains_projector_alone_stage2_adds_the_lm(world, tmp_path):
+    from minivl.data import world_tokenizer
+    from minivl.recipes import mllm as recipe
+    r = recipe.RECIPES["tiny"]
+    model = recipe.build(r, world_tokenizer())
+    processor = mllm.LlavaProcessor.from_model(model)
+    snap = lambda: {k: v.clone() for k, v in model.state_dict().items()}  # noqa: E731
+    changed = lambda a, b, part: any(not torch.equal(a[k], b[k]) for k in a if k.startswith(part))  # noqa: E731
+    kw = dict(seed=0, progress=False, bf16=False, device="cpu", run_dir=tmp_path, resume=False, force=True)
+    before = snap()
+    recipe._fit_stage(model, world_batches(world, processor, 2, 1), r, 1, 2, **kw)
+    after1 = snap()
+    assert changed(before, after1, "projector")
+    assert not changed(before, after1, "lm") and not changed(before, after1, "vision")
+    recipe._fit_stage(model, world_batches(world, processor, 2, 2, n_questions=1), r, 2, 2, **kw)
+    after2 = snap()
+    assert changed(after1, after2, "lm") and changed(after1, after2, "projector")
+    assert not changed(after1, after2, "vision")
+    assert (tmp_path / "stage1" / "history.json").is_file() and (tmp_path / "stage2" / "history.json").is_file()
+
+
+def test_lm_position_embeddings_grow_keeping_the_trained_ones():
+    from minivl.lm import CausalLM, LMConfig
+    lm = CausalLM(LMConfig.preset("tiny"))
+    old = lm.pos_embed.detach().clone()
+    lm.resize_position_embeddings(50)
+    assert lm.config.context_length == 50 and lm.pos_embed.shape == (50, old.shape[1])
+    assert torch.equal(lm.pos_embed[:32], old)
+    assert lm(torch.zeros(1, 50, dtype=torch.long)).shape == (1, 50, 300)
+    with pytest.raises(ValueError):
+        lm.resize_position_embeddings(0)
