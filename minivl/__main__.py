@@ -111,6 +111,10 @@ def _dispatch(parser, args) -> int:
     module = importlib.import_module(f"minivl.{folder}.{name}")
     if not callable(getattr(module, "main", None)):
         parser.error(f"minivl/{folder}/{name}.py has no main(args): it is not a {args.command} target")
+    if args.command == "bench" and getattr(args, "preset", None) is not None \
+            and args.preset not in getattr(module, "PRESETS", ()):
+        parser.error(f"bench {name}: unknown --preset {args.preset!r}; it has "
+                     f"{list(getattr(module, 'PRESETS', ())) or 'none (it benches the course preset of the device)'}")
     if args.command == "train":
         presets = getattr(module, "RECIPES", {})
         if args.preset not in presets:

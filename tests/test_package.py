@@ -163,3 +163,14 @@ def test_cli_real_bugs_keep_their_traceback(monkeypatch):
     monkeypatch.setattr(cli, "_dispatch", bug)
     with pytest.raises(RuntimeError, match="a bug"):
         cli.main(["bench", "metrics"])
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["train", "clip", "--preset", "nope"], "unknown preset 'nope'"),
+    (["train", "clip", "--data", "somewhere"], "has no --data option"),
+    (["train", "clip", "--stage", "1"], "has no --stage option"),
+    (["bench", "vit", "--preset", "vit-b-32"], "unknown --preset"),
+])
+def test_cli_refuses_options_a_recipe_or_bench_does_not_take(argv, words):
+    out = subprocess.run([sys.executable, "-m", "minivl", *argv], capture_output=True, text=True)
+    assert out.returncode == 2 and words in out.stderr, out.stderr

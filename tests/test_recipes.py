@@ -103,3 +103,20 @@ def test_load_or_train_in_fast_mode_always_trains_the_tiny_preset(monkeypatch):
     with pytest.raises(ValueError, match="unknown family 'gan'"):
         load_or_train("gan")
     assert minivl.data_dir().name == "data"
+
+
+
+def test_fit_passes_parameter_groups_to_the_trainer(tmp_path):
+    from minivl.vit import ViTClassifier, ViTConfig
+    torch.manual_seed(0)
+    model = ViTClassifier(ViTConfig.preset("tiny", num_classes=4))
+    tower, head = model.vit.patch_embed.weight.detach().clone(), model.head.weight.detach().clone()
+    S = model.config.image_size
+    batch = {"image": torch.rand(8, 3, S, S) * 2 - 1, "label": torch.arange(8) % 4}
+    recipe = Recipe(steps=3, batch_size=8, lr=1e-2, warmup_steps=0, weight_decay=0.0)
+    trainer, _, _ = recipes.fit(model, lambda step: batch, recipe, seed=0, progress=False, bf16=False,
+                                device="cpu", run_dir=tmp_path / "run", freeze=("vit",), lr_scale={"head": 0.5})
+    assert torch.equal(model.vit.patch_embed.weight, tower) and not torch.equal(model.head.weight, head)
+    assert trainer.config.freeze == ("vit",) and trainer.config.lr_scale == {"head": 0.5}
+    with pytest.raises(TypeError, match="parameter-group options"):
+        recipes.train_config(recipe, 0, False, lr_scales={"head": 0.5})

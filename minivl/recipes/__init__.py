@@ -78,13 +78,18 @@ def folders(name: str, out=None, checkpoint=None) -> tuple[Path, Path]:
     return run_dir, ckpt_dir
 
 
-def train_config(recipe: Recipe, seed: int, progress: bool, bf16: bool = False) -> TrainConfig:
+def train_config(recipe: Recipe, seed: int, progress: bool, bf16: bool = False, **groups) -> TrainConfig:
     """The TrainConfig of a recipe: warmup capped at a fifth of the steps; bf16 from the recipe (CUDA
-    only) unless `bf16=True` asks for it on every device."""
+    only) unless `bf16=True` asks for it on every device. `groups`: the parameter-group options of
+    TrainConfig, `lr_scale={prefix: multiplier}` and `freeze=(prefix, ...)`, for families that
+    fine-tune a pretrained tower slower or keep it fixed."""
+    unknown = set(groups) - {"lr_scale", "freeze"}
+    if unknown:
+        raise TypeError(f"train_config takes lr_scale and freeze as parameter-group options, got {sorted(unknown)}")
     return TrainConfig(steps=recipe.steps, lr=recipe.lr, weight_decay=recipe.weight_decay,
                        warmup_steps=min(recipe.warmup_steps, recipe.steps // 5),
                        bf16=True if bf16 else (None if recipe.bf16 else False),
-                       eval_every=recipe.eval_every, log_every=10, seed=seed, progress=progress)
+                       eval_every=recipe.eval_every, log_every=10, seed=seed, progress=progress, **groups)
 
 
 # ---------------------------------------------------------------- data every family draws the same way
@@ -128,15 +133,17 @@ def tokenize_batch(tokenizer, texts: list[str], context_length: int) -> dict:
 
 # ---------------------------------------------------------------- running, timing, writing down
 def fit(model, batches, recipe: Recipe, *, seed: int, progress: bool, bf16: bool, device, run_dir: Path,
-        eval_fn=None, resume: bool = False, force: bool = False) -> tuple[Trainer, History, dict]:
+        eval_fn=None, resume: bool = False, force: bool = False, lr_scale: dict | None = None,
+        freeze: tuple = ()) -> tuple[Trainer, History, dict]:
     """Train `model` on `batches` by the recipe, checkpointing into the run folder; -> (trainer, history,
     timing). The model comes back in eval mode, ready for the final evaluation.
 
     resume: go on from the training checkpoint in the run folder (`resume_from`). force: start afresh
-    even where that replaces an interrupted or longer run there; without it such a run is refused."""
+    even where that replaces an interrupted or longer run there; without it such a run is refused.
+    lr_scale / freeze: TrainConfig's parameter groups (a pretrained tower trained slower, or kept fixed)."""
     resume_from = resume_point(run_dir, recipe.steps, resume, force)
-    trainer = Trainer(model, batches, train_config(recipe, seed, progress, bf16), eval_fn=eval_fn,
-                      out_dir=run_dir, device=device)
+    config = train_config(recipe, seed, progress, bf16, lr_scale=dict(lr_scale or {}), freeze=tuple(freeze))
+    trainer = Trainer(model, batches, config, eval_fn=eval_fn, out_dir=run_dir, device=device)
     history, timing = timed_fit(trainer, resume_from)
     model.eval()
     return trainer, history, timing
