@@ -72,11 +72,14 @@ def rename_hf_key(key: str) -> str | None:
     raise KeyError(f"no minivl name for the transformers CLIP tensor {key!r}")
 
 
-def state_dict_from_hf(hf_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A `transformers.CLIPModel` state dict renamed into minivl CLIP's (same tensors, no copies)."""
+def state_dict_from_hf(hf_state_dict: dict[str, torch.Tensor], rename=None) -> dict[str, torch.Tensor]:
+    """A `transformers.CLIPModel` state dict renamed into minivl CLIP's (same tensors, no copies).
+    `rename` (default `rename_hf_key`): key -> minivl name or None to drop; models built on CLIP's
+    towers (OWL-ViT) pass their own."""
+    rename = rename or rename_hf_key
     out = {}
     for key, tensor in hf_state_dict.items():
-        name = rename_hf_key(key)
+        name = rename(key)
         if name is not None:
             out[name] = tensor
     return out

@@ -25,6 +25,7 @@ from __future__ import annotations
 from minivl.clip.convert import config_from_hf as clip_config_from_hf
 from minivl.clip.convert import hf_config_from as clip_hf_config_from
 from minivl.clip.convert import rename_hf_key as clip_rename
+from minivl.clip.convert import state_dict_from_hf as clip_state_dict_from_hf
 from minivl.grounding.model import OWLViT, OWLViTConfig
 
 HEAD_PREFIXES = ("class_head.", "box_head.", "layer_norm.")
@@ -46,12 +47,7 @@ def rename_hf_key(key: str) -> str | None:
 
 def state_dict_from_hf(hf_state_dict: dict) -> dict:
     """A transformers OWL-ViT state dict renamed into minivl's (same tensors, no copies)."""
-    out = {}
-    for key, tensor in hf_state_dict.items():
-        name = rename_hf_key(key)
-        if name is not None:
-            out[name] = tensor
-    return out
+    return clip_state_dict_from_hf(hf_state_dict, rename=rename_hf_key)
 
 
 def config_from_hf(hf_config, pad_id: int | None = None) -> OWLViTConfig:

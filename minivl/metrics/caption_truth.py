@@ -35,6 +35,7 @@ only then can "fluent but false" be told apart from "true but phrased differentl
 from __future__ import annotations
 
 from minivl.world_text import NUMBERS, PLURAL
+from minivl.world_text import _third as third  # with margin 0: the third a coordinate lies in
 
 _SINGULAR = {p: s for s, p in PLURAL.items()}
 _COUNT = {w: i for i, w in enumerate(NUMBERS)}
@@ -115,10 +116,6 @@ def parse_caption(world, caption: str):
     return mentions, total, ordered
 
 
-def _third(v: float, S: int) -> int:
-    return min(2, int(3 * v / S))
-
-
 def scene_truth(world, scene, caption: str) -> dict:
     """Every claim of one caption checked against `scene` (see the module docstring)."""
     objs, S = scene.objects, world.config.image_size
@@ -166,7 +163,7 @@ def _region_true(region, center, S: int) -> bool:
     if region is None:
         return True
     row, col = _REGIONS[region]
-    return (row is None or _third(center[1], S) == row) and (col is None or _third(center[0], S) == col)
+    return (row is None or third(center[1], S, 0) == row) and (col is None or third(center[0], S, 0) == col)
 
 
 def _aggregate(rows: list[dict]) -> dict:

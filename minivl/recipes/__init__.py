@@ -149,6 +149,19 @@ def fit(model, batches, recipe: Recipe, *, seed: int, progress: bool, bf16: bool
     return trainer, history, timing
 
 
+def run_cli(run, summary, args) -> int:
+    """`python -m minivl train <family> ...`: call the family's `run` with the parsed options (--data and
+    --stage only where `run` takes them), print `summary` of the metrics, exit status 0."""
+    import inspect
+    takes = inspect.signature(run).parameters
+    options = {o: getattr(args, o, None) for o in ("data", "stage") if o in takes}
+    result = run(args.preset, steps=args.steps, device=args.device, out=args.out, seed=args.seed, bf16=args.bf16,
+                 progress=True, resume=args.resume, force=args.force, **options)
+    if result:  # empty on the other ranks of a torchrun job
+        print(summary(result))
+    return 0
+
+
 def resume_point(run_dir: Path, steps: int, resume: bool, force: bool = False) -> Path | None:
     """The checkpoint to resume from (resume=True), or None to start afresh once that loses nothing.
 
@@ -289,6 +302,6 @@ def _world_version() -> str:
     return VERSION
 
 
-__all__ = ["Recipe", "choose", "folders", "train_config", "stream_indices", "step_rng", "single_object_set",
+__all__ = ["Recipe", "choose", "folders", "train_config", "run_cli", "stream_indices", "step_rng", "single_object_set",
            "color_shape_accuracy", "tokenize_batch", "fit", "resume_point", "run_record", "timed_fit", "timing_text", "write_metrics", "families",
            "Trained", "load_or_train"]

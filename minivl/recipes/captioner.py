@@ -31,7 +31,7 @@ from minivl.captioner import data as own_data
 from minivl.captioner import eval as ev
 from minivl.checkpoint import checkpoints_dir
 from minivl.data import collate, image_to_tensor, world_tokenizer
-from minivl.recipes import (Recipe, choose, folders, resume_point, run_record, step_rng, stream_indices, timed_fit,
+from minivl.recipes import (Recipe, choose, folders, resume_point, run_cli, run_record, step_rng, stream_indices, timed_fit,
                             timing_text, tokenize_batch, train_config, write_metrics)
 from minivl.train import Trainer
 from minivl.world import World
@@ -220,8 +220,4 @@ def summary(m: dict) -> str:
 
 
 def main(args) -> int:
-    result = run(args.preset, steps=args.steps, device=args.device, out=args.out, seed=args.seed, bf16=args.bf16,
-                 progress=True, resume=args.resume, force=args.force, data=getattr(args, "data", None))
-    if result:
-        print(summary(result))
-    return 0
+    return run_cli(run, summary, args)

@@ -25,7 +25,7 @@ import minivl
 from minivl import clip as clip_lib
 from minivl.clip import CLIP, CLIPConfig
 from minivl.data import CaptionDataset, collate, world_tokenizer
-from minivl.recipes import (Recipe, choose, color_shape_accuracy, fit, folders, run_record, single_object_set, step_rng,
+from minivl.recipes import (Recipe, choose, color_shape_accuracy, fit, folders, run_cli, run_record, single_object_set, step_rng,
                             stream_indices, timing_text, tokenize_batch, write_metrics)
 from minivl.world import World
 
@@ -216,8 +216,4 @@ def summary(m: dict) -> str:
 
 
 def main(args) -> int:
-    result = run(args.preset, steps=args.steps, device=args.device, out=args.out, seed=args.seed,
-                 bf16=args.bf16, progress=True, resume=args.resume, force=args.force)
-    if result:  # empty on the other ranks of a torchrun job
-        print(summary(result))
-    return 0
+    return run_cli(run, summary, args)

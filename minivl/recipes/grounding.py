@@ -29,7 +29,7 @@ from minivl.grounding import PRESETS, OWLViT, OWLViTConfig, evaluate, post_proce
 from minivl.grounding.predict import as_images
 from minivl.grounding.targets import make_batch
 from minivl.metrics.boxes import box_convert
-from minivl.recipes import Recipe, choose, fit, folders, run_record, step_rng, stream_indices, timing_text, write_metrics
+from minivl.recipes import Recipe, choose, fit, folders, run_cli, run_record, step_rng, stream_indices, timing_text, write_metrics
 from minivl.world import World
 
 
@@ -169,8 +169,4 @@ def summary(m: dict) -> str:
 
 
 def main(args) -> int:
-    result = run(args.preset, steps=args.steps, device=args.device, out=args.out, seed=args.seed,
-                 bf16=args.bf16, progress=True, resume=args.resume, force=args.force)
-    if result:
-        print(summary(result))
-    return 0
+    return run_cli(run, summary, args)

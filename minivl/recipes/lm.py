@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import minivl
 from minivl.data import world_tokenizer
 from minivl.lm import CausalLM, LMConfig
-from minivl.recipes import (Recipe, choose, fit, folders, run_record, step_rng, stream_indices, tokenize_batch,
+from minivl.recipes import (Recipe, choose, fit, folders, run_cli, run_record, step_rng, stream_indices, tokenize_batch,
                             write_metrics)
 from minivl.world import World
 from minivl.world_text import NUMBERS, PLURAL, REGIONS
@@ -199,8 +199,4 @@ def summary(m: dict) -> str:
 
 
 def main(args) -> int:
-    result = run(args.preset, steps=args.steps, device=args.device, out=args.out, seed=args.seed, bf16=args.bf16,
-                 resume=args.resume, force=args.force)
-    if result:  # empty on the other ranks of a torchrun job
-        print(summary(result))
-    return 0
+    return run_cli(run, summary, args)

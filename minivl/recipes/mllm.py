@@ -29,7 +29,7 @@ from minivl.data import world_tokenizer
 from minivl.mllm import LlavaModel, LlavaProcessor, MLLMConfig, load_parts
 from minivl.mllm import data as mdata
 from minivl.mllm.eval import evaluate
-from minivl.recipes import Recipe, choose, folders, resume_point, run_record, timed_fit, train_config, write_metrics
+from minivl.recipes import Recipe, choose, folders, resume_point, run_cli, run_record, timed_fit, train_config, write_metrics
 from minivl.train import Trainer
 from minivl.world import World
 
@@ -202,9 +202,4 @@ def summary(m: dict) -> str:
 
 
 def main(args) -> int:
-    result = run(args.preset, steps=args.steps, device=args.device, out=args.out, seed=args.seed, bf16=args.bf16,
-                 resume=args.resume, force=args.force, stage=getattr(args, "stage", None),
-                 data=getattr(args, "data", None))
-    if result:
-        print(summary(result))
-    return 0
+    return run_cli(run, summary, args)

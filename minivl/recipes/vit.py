@@ -26,7 +26,7 @@ import torch
 import minivl
 from minivl.data import ClassificationDataset, collate, image_to_tensor
 from minivl.metrics import confusion_matrix, topk_accuracy
-from minivl.recipes import (Recipe, choose, color_shape_accuracy, fit, folders, run_record, single_object_set,
+from minivl.recipes import (Recipe, choose, color_shape_accuracy, fit, folders, run_cli, run_record, single_object_set,
                             stream_indices, timing_text, write_metrics)
 from minivl.vit import ViTClassifier, ViTConfig
 from minivl.world import World
@@ -196,8 +196,4 @@ def summary(m: dict) -> str:
 
 
 def main(args) -> int:
-    result = run(args.preset, steps=args.steps, device=args.device, out=args.out, seed=args.seed,
-                 bf16=args.bf16, progress=True, resume=args.resume, force=args.force)
-    if result:  # empty on the other ranks of a torchrun job
-        print(summary(result))
-    return 0
+    return run_cli(run, summary, args)

@@ -31,7 +31,7 @@ import torch
 
 import minivl
 from minivl.data import image_to_tensor, world_tokenizer
-from minivl.recipes import Recipe, choose, fit, folders, run_record, step_rng, stream_indices, timing_text, write_metrics
+from minivl.recipes import Recipe, choose, fit, folders, run_cli, run_record, step_rng, stream_indices, timing_text, write_metrics
 from minivl.vqa import (Packer, ViltConfig, ViltForQuestionAnswering, answer_vocabulary, check_records,
                         count_confusion, load_image, load_vqa_v2, predict_scenes, records_to_scenes, score,
                         world_scenes)
@@ -298,11 +298,7 @@ def summary(m: dict) -> str:
 
 
 def main(args) -> int:
-    result = run(args.preset, steps=args.steps, device=args.device, out=args.out, seed=args.seed, bf16=args.bf16,
-                 progress=True, resume=args.resume, force=args.force, data=getattr(args, "data", None))
-    if result:
-        print(summary(result))
-    return 0
+    return run_cli(run, summary, args)
 
 
 __all__ = ["VQARecipe", "RECIPES", "FAST_STEPS", "make_batches", "record_batches", "resize", "run", "summary", "main"]

@@ -21,11 +21,11 @@ from torch import nn
 from minivl import validate
 from minivl.checkpoint import Checkpointable
 from minivl.data import image_to_tensor
-from minivl.vqa.model import vqa_loss
+from minivl.vqa.model import AnswerLabels, vqa_loss
 
 
 @dataclass
-class LateFusionConfig:
+class LateFusionConfig(AnswerLabels):
     embed_dim: int = 64  # CLIP's embedding width E (image and text)
     hidden: int = 512  # MLP hidden width
     depth: int = 2  # hidden layers
@@ -36,14 +36,6 @@ class LateFusionConfig:
         self.answers = tuple(self.answers)
         if not self.answers:
             raise ValueError("the answer vocabulary is empty (answers=())")
-
-    @property
-    def id2label(self) -> dict[int, str]:
-        return dict(enumerate(self.answers))
-
-    @property
-    def label2id(self) -> dict[str, int]:
-        return {a: i for i, a in enumerate(self.answers)}
 
 
 class LateFusionVQA(Checkpointable, nn.Module):

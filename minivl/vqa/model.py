@@ -55,8 +55,20 @@ PRESETS = {
 }
 
 
+class AnswerLabels:
+    """`id2label` / `label2id` of a config with an `answers` tuple, as `transformers` configs name them."""
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.answers))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {a: i for i, a in enumerate(self.answers)}
+
+
 @dataclass
-class ViltConfig:
+class ViltConfig(AnswerLabels):
     vocab_size: int = WORLD_VOCAB  # token ids are 0 .. vocab_size - 1
     context_length: int = 32  # longest question (bos/eos included): the text position table
     pad_id: int = WORLD_PAD_ID  # id of the padding token (its rows of the mask are 0)
@@ -120,13 +132,6 @@ class ViltConfig:
     def num_labels(self) -> int:
         return len(self.answers)
 
-    @property
-    def id2label(self) -> dict[int, str]:
-        return dict(enumerate(self.answers))
-
-    @property
-    def label2id(self) -> dict[str, int]:
-        return {a: i for i, a in enumerate(self.answers)}
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ViltConfig":
