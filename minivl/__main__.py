@@ -1,4 +1,4 @@
-"""Command line: `python -m minivl {data,train,bench,course,exercises} ...`.
+"""Command line: `python -m minivl {data,train,bench,course,exercises,quiz} ...`.
 
 Each sub-command lives next to the code it drives; this file only dispatches. The families it
 offers are found, not listed: every module in `minivl/recipes/` is a `train` target and every
@@ -12,6 +12,8 @@ heavy modules are imported only once a command is chosen, so `--help` answers at
     python -m minivl bench {vit,clip,metrics,data}
     python -m minivl course [--fast] [--only NN ...]   run the notebooks, check their claims, time them
     python -m minivl exercises [--out DIR]             student notebooks: solutions become stubs
+    python -m minivl quiz [--only NN ...] [--shuffle]  interview questions, answers on request
+    python -m minivl quiz --list [--answers]           the questions as a handout (and the key)
 """
 from __future__ import annotations
 
@@ -70,6 +72,16 @@ def main(argv: list[str] | None = None) -> int:
     exercises = sub.add_parser("exercises", help="write the student versions of the notebooks (solutions as stubs)")
     exercises.add_argument("--out", default=None, help="folder (default data/exercises)")
 
+    quiz = sub.add_parser("quiz", help="the notebooks' interview questions, one at a time, answers on request")
+    quiz.add_argument("--only", nargs="+", default=None, metavar="NN", help="notebook numbers, e.g. --only 03 08")
+    quiz.add_argument("--shuffle", action="store_true", help="ask in a random order")
+    quiz.add_argument("--seed", type=int, default=0, help="the order's seed (with --shuffle)")
+    quiz.add_argument("--n", type=int, default=None, help="ask this many only")
+    quiz.add_argument("--list", action="store_true", help="print the questions (a handout) instead of asking")
+    quiz.add_argument("--answers", action="store_true", help="print the questions with their answers (the key)")
+    quiz.add_argument("--out", default=None, help="write the handout to this markdown file")
+    quiz.add_argument("--dir", default=None, help="read the notebooks of this folder instead")
+
     bench = sub.add_parser("bench", help="measure speed against a reference in the same run")
     bench.add_argument("what", choices=modules("bench"))
     bench.add_argument("--device", default=None)
@@ -104,7 +116,7 @@ def _dispatch(parser, args) -> int:
     if args.command == "data":
         from minivl.bench import data as data_cli
         return data_cli.main(args)
-    if args.command in ("course", "exercises"):
+    if args.command in ("course", "exercises", "quiz"):
         return importlib.import_module(f"minivl.{args.command}").main(args)
     folder = {"train": "recipes", "bench": "bench"}[args.command]
     name = args.model if args.command == "train" else args.what

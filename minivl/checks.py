@@ -429,7 +429,28 @@ def assistant_labels(fn) -> None:
     _passed("assistant_labels")
 
 
+def box_to_pixels(fn) -> None:
+    """fn(boxes (N, 4) normalised cxcywh, size (H, W)) -> (N, 4) absolute xyxy pixels: what `predict` returns,
+    turned into what `post_process_object_detection` returns."""
+    from minivl.metrics.boxes import box_convert
+    g = torch.Generator().manual_seed(0)
+    centre, wh = 0.2 + 0.6 * torch.rand(5, 2, generator=g, dtype=torch.float64), 0.05 + 0.3 * torch.rand(5, 2, generator=g, dtype=torch.float64)
+    boxes = torch.cat([centre, wh], -1)
+    H, W = 48, 80  # not square: (H, W) read as (W, H) shows
+    scale = torch.tensor([W, H, W, H], dtype=torch.float64)
+    got = _call(fn, "box_to_pixels", boxes.clone(), (H, W))
+    want = box_convert(boxes, "cxcywh", "xyxy") * scale
+    xywh = torch.cat([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, 2:]], -1) * scale
+    _compare("box_to_pixels", torch.as_tensor(got).double(), want,
+             [(box_convert(boxes, "cxcywh", "xyxy"), "scale by the image size: x by W, y by H (target_sizes are (H, W))"),
+              (box_convert(boxes, "cxcywh", "xyxy") * torch.tensor([H, W, H, W], dtype=torch.float64),
+               "x goes with the width W and y with the height H: size is (H, W)"),
+              (xywh, "that is xywh (top-left corner + size, COCO's format); xyxy is both corners: x1 + w, y1 + h"),
+              (boxes * scale, "convert the centre and size to corners first: x1 = cx - w / 2, x2 = cx + w / 2")])
+    _passed("box_to_pixels", rel_error(got, want))
+
+
 CHECKS = {f.__name__: f for f in (box_iou, to_tensor, patch_embed, attention, merge, causal_mask, next_token_loss,
                                   contrastive_loss, zero_shot_classify, hard_negatives, caption_labels, soft_scores, vqa_loss, focal_loss,
-                                  box_bias, match, pixel_shuffle, assistant_labels)}
+                                  box_bias, match, pixel_shuffle, assistant_labels, box_to_pixels)}
 __all__ = ["CheckError", "rel_error", *CHECKS]

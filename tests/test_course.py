@@ -208,6 +208,11 @@ def labels_no_end(ids, a, e):
     return [-100 if t == e else x for t, x in zip(ids, labels_ok(ids, a, e))]
 
 
+def pixels_ok(b, size):
+    H, W = size
+    return torch.cat([b[:, :2] - b[:, 2:] / 2, b[:, :2] + b[:, 2:] / 2], -1) * torch.tensor([W, H, W, H], dtype=b.dtype)
+
+
 CASES = [  # check, a right implementation, [(a wrong one, words its hint must contain)]
     (checks.attention, attention_ok, [(attention_unscaled, "sqrt(d)"), (attention_unmasked, "mask is not applied")]),
     (checks.patch_embed, lambda x, w: rearrange(x, "b c (h p) (v q) -> b (h v) (c p q)", p=4, q=4) @
@@ -239,6 +244,9 @@ CASES = [  # check, a right implementation, [(a wrong one, words its hint must c
                                  (lambda r, c, g: _bias_ok(c, r, g), "row by row")]),
     (checks.pixel_shuffle, lambda x, r: rearrange(x, "b (h a w c) d -> b (h w) (a c d)", h=int(x.shape[1] ** .5) // r, a=r, c=r),
      [(lambda x, r: x.reshape(x.shape[0], x.shape[1] // r ** 2, -1), "plain reshape")]),
+    (checks.box_to_pixels, pixels_ok, [(lambda b, s: pixels_ok(b, s[::-1]), "x goes with the width"),
+                                       (lambda b, s: pixels_ok(b, s) / torch.tensor([s[1], s[0]] * 2), "scale by the image size"),
+                                       (lambda b, s: torch.cat([b[:, :2] - b[:, 2:] / 2, b[:, 2:]], -1) * torch.tensor([s[1], s[0]] * 2), "xywh")]),
     (checks.assistant_labels, labels_ok, [(labels_no_end, "<|end|>"),
                                           (lambda ids, a, e: [t if t not in (a, e) else -100 for t in ids], "ignored")]),
 ]
