@@ -61,6 +61,21 @@ def test_loss_at_init_is_answers_times_log2():
     assert set(logs) >= {"acc", "vqa_loss"}
 
 
+def test_fan_in_init_scales_the_fusion_weights():
+    torch.manual_seed(0)
+    gpt2 = ViltForQuestionAnswering(ViltConfig.preset("tiny", answers=ANSWERS))
+    fan = ViltForQuestionAnswering(ViltConfig.preset("tiny", answers=ANSWERS, fan_in_init=True))
+    width, depth = fan.config.width, fan.config.depth
+    block, block0 = fan.transformer.blocks[0], gpt2.transformer.blocks[0]
+    assert block0.attn.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert block.attn.q_proj.weight.std().item() == pytest.approx(width ** -0.5, rel=0.1)
+    hidden = block.mlp.fc2.in_features  # residual outputs get a further 1 / sqrt(2 depth)
+    assert block.mlp.fc2.weight.std().item() == pytest.approx(hidden ** -0.5 / (2 * depth) ** 0.5, rel=0.1)
+    assert torch.equal(fan.head[3].bias, gpt2.head[3].bias)  # the answer prior is untouched
+    with pytest.raises(TypeError, match="fan_in_init"):
+        ViltConfig.preset("tiny", answers=ANSWERS, fan_in_init=1)
+
+
 def test_packed_equals_one_question_at_a_time(world, tok):
     m = tiny(answers=world.answers, image_attends_text=False)
     scenes, batch = packed_batch(world, tok, m)

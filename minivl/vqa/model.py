@@ -19,6 +19,8 @@ ports from `transformers`):
   sequence with a block mask (`forward_packed`): one image encoding serves ~17 questions.
 - `stem="conv"`: a small convolutional stem before patchifying (Xiao et al., 2021, "Early
   convolutions help transformers see better"): shapes are finer than a patch.
+- `fan_in_init=True`: the fusion transformer starts from N(0, 1/fan_in) weights instead of GPT-2's
+  N(0, 0.02), which at width 128 is ~4x too small: attention starts flat and learns to pick patches late.
 - `stem="vit"`: the image tokens are a (CLIP) ViT's patch tokens at `vision_layer`, projected to the
   fusion width (optionally frozen, optionally `image_pool`-ed k x k): CLIP initialisation, the way
   ViLT itself starts from a pretrained ViT.
@@ -48,9 +50,9 @@ CLIP_CPU_VISION = dict(image_size=64, patch_size=8, width=64, depth=4, heads=4) 
 PRESETS = {
     "tiny": dict(image_size=32, patch_size=8, width=32, depth=2, heads=2, context_length=24, image_attends_text=False),
     "cpu": dict(image_size=64, patch_size=8, width=128, depth=4, heads=4, stem="vit", vision=CLIP_CPU_VISION,
-                image_attends_text=False),
+                image_attends_text=False, fan_in_init=True),
     "cpu-long": dict(image_size=64, patch_size=8, width=128, depth=4, heads=4, stem="vit", vision=CLIP_CPU_VISION,
-                     image_attends_text=False),
+                     image_attends_text=False, fan_in_init=True),
     "gpu": dict(image_size=128, patch_size=8, width=384, depth=8, heads=6, stem="conv", image_attends_text=False),
 }
 
@@ -85,6 +87,9 @@ class ViltConfig(AnswerLabels):
     vision_layer: int = -2  # which of its hidden states (-2: the input of its last block, as LLaVA reads)
     freeze_vision: bool = True  # keep that ViT fixed (its features are what CLIP learned)
     image_pool: int = 1  # stem="vit": average k x k patch tokens into one (k^2 fewer image tokens)
+    fan_in_init: bool = False  # fusion transformer weights N(0, 1/fan_in) (residual outputs / sqrt(2 depth))
+    #                            instead of GPT-2's N(0, 0.02): at width 128 that is ~4x larger, so q.k starts
+    #                            ~16x less flat and attention can start to pick patches sooner
     image_attends_text: bool = True  # ViLT: every token sees every token; False enables packing
     answers: tuple[str, ...] = ()  # the answer vocabulary: id2label[i] = answers[i]
     itm: bool = False  # add the image-text matching head (ViLT's pretraining objective)
@@ -116,6 +121,8 @@ class ViltConfig(AnswerLabels):
         if not isinstance(self.answers, (list, tuple)) or not all(isinstance(a, str) for a in self.answers):
             raise TypeError(f"answers must be a tuple of strings, got {self.answers!r:.80}")
         self.answers = tuple(self.answers)
+        if not isinstance(self.fan_in_init, bool):
+            raise TypeError(f"fan_in_init must be a bool, got {self.fan_in_init!r}")
         if self.image_pool != 1 and self.stem != "vit":
             raise ValueError("image_pool is an option of the ViT stem (stem='vit')")
         if len(self.answers) == 0:
@@ -218,6 +225,21 @@ class ViltForQuestionAnswering(Checkpointable, nn.Module):
         nn.init.normal_(self.image_cls, std=0.02)
         with torch.no_grad():  # sin-cos positions (scaled to the token scale) as the start of learned ones
             self.image_pos[1:] = 0.1 * sincos_2d(c.grid // c.image_pool, c.width)
+        if c.fan_in_init:
+            self._fan_in_init()
+
+    def _fan_in_init(self) -> None:
+        """N(0, 1/fan_in) for the fusion transformer's (and the ViT stem projection's) linear maps, the
+        residual-branch outputs (attention out_proj, MLP fc2) further / sqrt(2 depth) as GPT-2 scales them."""
+        modules = list(self.transformer.named_modules())
+        if self.config.stem == "vit":
+            modules += [(f"patch_embed.{n}", m) for n, m in self.patch_embed.named_modules()]
+        for name, m in modules:
+            if isinstance(m, nn.Linear):
+                std = m.in_features ** -0.5
+                if name.endswith(("out_proj", "fc2")):
+                    std /= (2 * self.config.depth) ** 0.5
+                nn.init.normal_(m.weight, std=std)
 
     # ---------------------------------------------------------------- embeddings
     def embed_text(self, input_ids: torch.Tensor, attention_mask=None,
