@@ -188,6 +188,22 @@ def test_training_batches_never_query_a_heldout_pair(world, tokenizer):
     assert (batch["target_labels"].sum(-1)[batch["target_mask"]] > 0).all()  # every object answers a query
 
 
+def test_queries_are_read_with_an_article_in_training_and_in_the_calls(world, tokenizer):
+    from minivl.grounding.targets import query_text
+    assert query_text("circle") == "a circle" and query_text(" orange  object") == "an orange object"
+    assert query_text("the object left of the red circle") == "the object left of the red circle"
+    with pytest.raises(ValueError, match="non-empty"):
+        query_text("  ")
+    model = tiny()
+    model.tokenizer = tokenizer
+    ids = model.tokenize(["circle", "the leftmost object"])["input_ids"]
+    want = tokenizer(["a circle", "the leftmost object"], context_length=40, padding="longest")["input_ids"]
+    torch.testing.assert_close(ids, want)
+    batch = make_batch(world, [world.scene(0)], tokenizer, 40)  # training reads the same texts
+    texts = {tokenizer.decode(row[m.bool()].tolist()) for row, m in zip(batch["input_ids"], batch["attention_mask"])}
+    assert "a circle" in texts and "circle" not in texts
+
+
 # ---------------------------------------------------------------------------- the calls users know
 def test_predict_agrees_with_post_process_and_batches(world):
     model = tiny()

@@ -22,6 +22,23 @@ from minivl.metrics.boxes import as_boxes, box_convert
 from minivl.world import SIZES
 
 REFERRING_PER_IMAGE = 6  # referring expressions asked of each training image (relational ones first)
+ARTICLES = ("a", "an", "the")
+
+
+def query_text(phrase: str) -> str:
+    """The text the text tower reads for a query: "circle" -> "a circle", "orange object" -> "an orange
+    object"; a phrase that starts with an article ("the leftmost object") is kept as it is.
+
+    OWL-ViT embeds its queries in a prompt template ("a photo of a {}") for the same reason: the text
+    tower was trained on captions. minivl's CLIP read "a red circle", never a bare "circle", and its BPE
+    gives a sentence-initial word its own token ("circle" is not " circle"): bare shape names all embed
+    to the same vector (cosine 0.99 in clip-cpu), while "a circle" reads the trained " circle"."""
+    if not isinstance(phrase, str) or not phrase.split():
+        raise ValueError(f"a query must be a non-empty phrase like 'red circle', got {phrase!r}")
+    words = " ".join(phrase.split())
+    if words.split()[0].lower() in ARTICLES:
+        return words
+    return ("an " if words[0].lower() in "aeiou" else "a ") + words
 
 
 def parse_phrase(world, phrase: str) -> tuple:
@@ -77,7 +94,8 @@ def make_batch(world, scenes: list, tokenizer, context_length: int, rng: np.rand
                referring_per_image: int = REFERRING_PER_IMAGE) -> dict:
     """Scenes -> the batch `OWLViT.loss` reads.
 
-    input_ids/attention_mask (U, T): every distinct query text of the batch, tokenised once;
+    input_ids/attention_mask (U, T): every distinct query text of the batch, tokenised once (as
+    `query_text` writes it: "a circle");
     query_index (B, Q): which of them image b is asked (-1 = padding); target_boxes (B, G, 4)
     normalised cxcywh, target_mask (B, G), target_labels (B, G, Q) multi-hot over the image's queries.
     """
@@ -104,11 +122,11 @@ def make_batch(world, scenes: list, tokenizer, context_length: int, rng: np.rand
         for j, r in enumerate(rs):
             index[b, V + j] = slot[r.text]
             labels[b, r.index, V + j] = 1.0  # a referring expression names exactly one object
-    tok = tokenizer(texts, context_length=context_length, truncate=True, padding="longest")
+    tok = tokenizer([query_text(t) for t in texts], context_length=context_length, truncate=True, padding="longest")
     return {"image": image_to_tensor(np.stack([s.image for s in scenes])), "input_ids": tok["input_ids"],
             "attention_mask": tok["attention_mask"], "query_index": index, "target_boxes": boxes,
             "target_mask": mask, "target_labels": labels}
 
 
-__all__ = ["REFERRING_PER_IMAGE", "parse_phrase", "matches", "boxes_to_targets", "detection_phrases",
+__all__ = ["REFERRING_PER_IMAGE", "query_text", "parse_phrase", "matches", "boxes_to_targets", "detection_phrases",
            "pick_referring", "make_batch"]
