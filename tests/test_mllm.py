@@ -101,6 +101,18 @@ def test_image_expansion_and_left_padding(tiny, world):
     assert (ids[mask == 0] == processor.pad_id).all()
 
 
+def test_training_chats_give_one_answer_per_question(world):
+    """The world's turns and the question types must not teach two answers to one question (the world's
+    "How many objects are there?" -> "There are 3 objects." beside the count type's "3")."""
+    for i in range(40):
+        conv = question_chat(world, world.scene(i, "train"), np.random.default_rng(i), 8, True)
+        assert conv[0]["value"].startswith(chat.IMAGE + "\n")
+        asked = {}
+        for user, reply in zip(conv[::2], conv[1::2]):
+            q = user["value"].removeprefix(chat.IMAGE + "\n")
+            assert asked.setdefault(q, reply["value"]) == reply["value"], (q, asked[q], reply["value"])
+
+
 # ---------------------------------------------------------------- the model
 def test_loss_at_uniform_logits_is_log_vocab(tiny, world):
     model, processor = tiny

@@ -25,6 +25,8 @@ from minivl.data import image_to_tensor
 from minivl.mllm import chat
 from minivl.world_text import DESCRIBE
 
+COUNT_ALL = "How many objects are there?"  # the world conversation's count turn (a sentence answer)
+
 
 def caption_chat(world, scene, rng) -> list[dict]:
     """Stage 1: one turn, "<image>\\nDescribe the image." -> one of the scene's captions."""
@@ -34,15 +36,18 @@ def caption_chat(world, scene, rng) -> list[dict]:
 
 
 def question_chat(world, scene, rng, n_questions: int = 4, world_turns: bool = True) -> list[dict]:
-    """Stage 2: the world's conversation turns (describe, count, locate, one question) when
-    `world_turns`, plus `n_questions` questions of distinct types, all in random order; the
-    image placeholder opens the first user turn."""
+    """Stage 2: the world's conversation turns (describe, locate, one question; its count turn is
+    dropped, see below) when `world_turns`, plus `n_questions` questions of distinct types, all in
+    random order; the image placeholder opens the first user turn."""
     turns = []
     if world_turns:
         conv = world.conversation(scene)
         turns = [(conv[i]["value"].replace(chat.IMAGE + "\n", ""), conv[i + 1]["value"]) for i in range(0, len(conv), 2)]
         caps = world.captions(scene)  # the describe turn in stage 1's spelling, so both stages agree
         turns[0] = (turns[0][0], caps[rng.integers(len(caps))])
+        # the world's "How many objects are there?" -> "There are 3 objects." would teach a second answer
+        # to the count question the evaluation asks ("3"): the question types below keep the short one
+        turns = [turns[0]] + [t for t in turns[1:] if t[0] != COUNT_ALL]
     qs = world.questions(scene)
     types = sorted({q.type for q in qs})
     for t in rng.permutation(types)[:n_questions]:
@@ -95,7 +100,7 @@ def world_batches(world, processor, batch_size: int, stage: int, seed: int = 0, 
                   world_turns: float = 0.5, ramp_steps: int = 0):
     """get_batch(step) for stage 1 (captions) or 2 (conversations): fresh train scenes every step,
     a pure function of (seed, stage, step). In stage 2 a share `world_turns` of the chats carries
-    the world's describe/count/locate turns; the rest are questions only (shorter, more of them).
+    the world's describe/locate turns; the rest are questions only (shorter, more of them).
     ramp_steps > 0: the object-count curriculum of `max_objects_at`."""
     def get_batch(step: int) -> dict:
         rng = np.random.default_rng([seed, stage, step])

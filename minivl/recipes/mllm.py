@@ -43,7 +43,7 @@ class MLLMRecipe(Recipe):
     stage1_lr: float = 2e-3  # stage 1 trains a fresh projector: a higher lr than stage 2's
     lm_lr_scale: float = 1.0  # stage 2: the LM's lr relative to the projector's
     n_questions: int = 5  # questions of distinct types per stage-2 chat (beside the world's turns)
-    world_turns: float = 0.3  # share of stage-2 chats that also carry describe/count/locate turns
+    world_turns: float = 0.3  # share of stage-2 chats that also carry the describe/locate turns
     ramp: float = 0.0  # object-count curriculum: 1 object -> the world's max over this share of each stage
     pixel_shuffle: int | None = None  # override of the model preset's (1 = every patch a token)
     projector_depth: int | None = None  # override of the model preset's (2 = LLaVA-1.5)
