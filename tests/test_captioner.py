@@ -93,6 +93,39 @@ def test_padding_changes_no_real_position(tok):
         assert torch.allclose(f_both, f_alone, atol=1e-5)
 
 
+def test_decoder_self_attention_serves_the_decoder_alone(tok):
+    m = tiny(text=dict(decoder_self_attention=True))
+    b = batch(tok)
+    ids, mask, _ = m.lm_inputs(b["input_ids"], b["attention_mask"])
+    with torch.no_grad():
+        tokens = m.image_tokens(b["image"])
+        before = (m.text(ids, mask, memory=tokens), m.text_features(b["input_ids"], b["attention_mask"]))
+        for block in m.text.transformer.blocks:  # the decoder's own self-attention changes: only LM logits move
+            block.dec_attn.v_proj.weight.mul_(3.0)
+        after = (m.text(ids, mask, memory=tokens), m.text_features(b["input_ids"], b["attention_mask"]))
+        assert not torch.allclose(before[0], after[0], atol=1e-4) and torch.equal(before[1], after[1])
+        for block in m.text.transformer.blocks:  # the encoder's changes: only the encoder features move
+            block.attn.v_proj.weight.mul_(3.0)
+        again = (m.text(ids, mask, memory=tokens), m.text_features(b["input_ids"], b["attention_mask"]))
+        assert torch.equal(after[0], again[0]) and not torch.allclose(after[1], again[1], atol=1e-4)
+    assert {"attn", "dec_attn", "ln_1", "ln_dec"} <= {n for n, _ in m.text.transformer.blocks[0].named_children()}
+
+
+@pytest.mark.parametrize("layer", [-1, -2, -3])
+def test_memory_layer_reads_that_hidden_state_and_the_class_token_stays_clips(layer):
+    m = tiny(memory_layer=layer)
+    px = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        memory, cls = m.encode_image(px)
+        full = m.vision(px, output_hidden_states=True)
+        want = full.tokens if layer == -1 else m.ln_memory(full.hidden_states[layer])
+        assert torch.allclose(memory, want, atol=1e-5)
+        assert torch.allclose(cls, full.tokens[:, 0], atol=1e-5)  # the pooled path = the full tower's class token
+        assert m.encode_image(px, pooled=False)[1] is None or layer == -1
+    with pytest.raises(ValueError, match="memory_layer"):
+        tiny(memory_layer=0)
+
+
 @pytest.mark.parametrize("beams", [1, 3])
 def test_kv_cache_gives_the_same_captions(tok, beams):
     m = tiny()
@@ -133,8 +166,8 @@ def test_post_norm_block_is_bert_order():
 
 
 # ---------------------------------------------------------------------------- parity with transformers
-@pytest.fixture(scope="module")
-def blip():
+@pytest.fixture(scope="module", params=[False, True], ids=["shared-self-attention", "decoder-self-attention"])
+def blip(request):
     tf = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = tf.BlipConfig(
@@ -146,7 +179,7 @@ def blip():
         image_text_hidden_size=16)
     hf, hr = tf.BlipForConditionalGeneration(cfg).eval(), tf.BlipForImageTextRetrieval(cfg).eval()
     from minivl.captioner.convert import from_transformers
-    cap, mat = from_transformers(hf, hr)
+    cap, mat = from_transformers(hf, hr, decoder_self_attention=request.param)
     px = torch.randn(2, 3, 32, 32).clamp(-2, 2)
     ids = torch.tensor([[110, 5, 6, 7, 8, 102], [110, 9, 10, 11, 102, 0]])
     mask = (ids != 0).long()
@@ -178,9 +211,9 @@ def test_parity_itm_and_itc(blip):
     with torch.no_grad():
         itm = hr(input_ids=ids, pixel_values=px, attention_mask=mask).itm_score
         itc = hr(input_ids=ids, pixel_values=px, attention_mask=mask, use_itm_head=False).itm_score
-        tokens = mat.image_tokens(px)
+        tokens, cls = mat.encode_image(px)
         assert (itm - mat.itm_logits(tokens, ids, mask)).abs().max() < 1e-5
-        assert (itc - mat.image_features(tokens) @ mat.text_features(ids, mask).T).abs().max() < 1e-5
+        assert (itc - mat.image_features(cls) @ mat.text_features(ids, mask).T).abs().max() < 1e-5
 
 
 # ---------------------------------------------------------------------------- hard negatives

@@ -24,8 +24,12 @@ from minivl.captioner.text import BertTextConfig
 from minivl.vit import ViTConfig
 
 
-def config_from_transformers(hf_config, prompt: str = "", **ids) -> CaptionerConfig:
+def config_from_transformers(hf_config, prompt: str = "", decoder_self_attention: bool = False,
+                             **ids) -> CaptionerConfig:
     """A CaptionerConfig with the architecture of a transformers `BlipConfig`.
+
+    decoder_self_attention: give the text side BLIP's separate decoder self-attention (the captioning
+    model's self-attention weights then go there, the encoder's stays at its init).
 
     ids: pad_id / bos_id ([CLS], ITC) / eos_id ([SEP]) / enc_id / dec_id; by default pad, [SEP] and
     [DEC] come from the text config, [CLS] = 101 and [ENC] = [DEC] + 1 (BERT's and BLIP's) where
@@ -40,7 +44,8 @@ def config_from_transformers(hf_config, prompt: str = "", **ids) -> CaptionerCon
     text = BertTextConfig(vocab_size=t.vocab_size, context_length=t.max_position_embeddings, width=t.hidden_size,
                           depth=t.num_hidden_layers, heads=t.num_attention_heads,
                           mlp_ratio=t.intermediate_size / t.hidden_size, activation=_act(t.hidden_act),
-                          norm_eps=t.layer_norm_eps, memory_dim=v.hidden_size)
+                          norm_eps=t.layer_norm_eps, memory_dim=v.hidden_size,
+                          decoder_self_attention=decoder_self_attention)
     V = t.vocab_size
     dec = t.bos_token_id
     defaults = dict(pad_id=t.pad_token_id, eos_id=t.sep_token_id, dec_id=dec,
@@ -75,8 +80,9 @@ def _vision(sd: dict, prefix: str, depth: int) -> dict:
     return out
 
 
-def _text(sd: dict, prefix: str, depth: int) -> dict:
-    """transformers BlipTextModel keys (under prefix) -> minivl BertText keys (under 'text.')."""
+def _text(sd: dict, prefix: str, depth: int, self_attn: tuple[str, str] = ("attn", "ln_1")) -> dict:
+    """transformers BlipTextModel keys (under prefix) -> minivl BertText keys (under 'text.'); its
+    self-attention and LayerNorm go to `self_attn` (("dec_attn", "ln_dec"): the decoder's own)."""
     out = {"text.token_embedding.weight": sd[f"{prefix}embeddings.word_embeddings.weight"],
            "text.pos_embed": sd[f"{prefix}embeddings.position_embeddings.weight"],
            "text.ln_embed.weight": sd[f"{prefix}embeddings.LayerNorm.weight"],
@@ -84,7 +90,7 @@ def _text(sd: dict, prefix: str, depth: int) -> dict:
     for i in range(depth):
         src, dst = f"{prefix}encoder.layer.{i}.", f"text.transformer.blocks.{i}."
         for kind in ("weight", "bias"):
-            for theirs, ours, ln in (("attention", "attn", "ln_1"), ("crossattention", "cross_attn", "ln_cross")):
+            for theirs, ours, ln in (("attention", *self_attn), ("crossattention", "cross_attn", "ln_cross")):
                 for a, b in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
                     out[f"{dst}{ours}.{b}.{kind}"] = sd[f"{src}{theirs}.self.{a}.{kind}"]
                 out[f"{dst}{ours}.out_proj.{kind}"] = sd[f"{src}{theirs}.output.dense.{kind}"]
@@ -93,6 +99,15 @@ def _text(sd: dict, prefix: str, depth: int) -> dict:
             out[f"{dst}mlp.fc2.{kind}"] = sd[f"{src}output.dense.{kind}"]
             out[f"{dst}ln_2.{kind}"] = sd[f"{src}output.LayerNorm.{kind}"]
     return out
+
+
+def _unported(cfg: CaptionerConfig, side: str) -> tuple[str, ...]:
+    """Target keys one transformers model has no weights for: with decoder_self_attention the
+    captioning model has no encoder self-attention, the retrieval model no decoder one."""
+    if not cfg.text.decoder_self_attention:
+        return ()
+    names = ("attn.", "ln_1.") if side == "encoder" else ("dec_attn.", "ln_dec.")
+    return tuple(f"text.transformer.blocks.{i}.{n}" for i in range(cfg.text.depth) for n in names)
 
 
 class _Tracked(dict):
@@ -128,12 +143,16 @@ def _load(model: Captioner, mapped: dict, source: dict, used_prefixes: tuple, sk
     return model
 
 
-def from_transformers(caption_model=None, retrieval_model=None, config: CaptionerConfig | None = None, **ids):
+def from_transformers(caption_model=None, retrieval_model=None, config: CaptionerConfig | None = None,
+                      decoder_self_attention: bool = False, **ids):
     """A Captioner with the weights of `BlipForConditionalGeneration` and/or `BlipForImageTextRetrieval`.
 
     One model given: a Captioner holding its weights (the other heads keep their random init). Both
     given: (captioner from the captioning model, matcher from the retrieval model) - two networks,
-    as transformers ships them. The models are read on the CPU in float32.
+    as transformers ships them. The models are read on the CPU in float32. With
+    decoder_self_attention (BLIP's separate causal self-attention in minivl's text side), the
+    captioning model's self-attention fills the decoder's (`dec_attn`, `ln_dec`) and the retrieval
+    model's the encoder's (`attn`, `ln_1`); each leaves the other at its init.
     """
     if caption_model is None and retrieval_model is None:
         raise ValueError("pass a BlipForConditionalGeneration, a BlipForImageTextRetrieval or both")
@@ -141,9 +160,12 @@ def from_transformers(caption_model=None, retrieval_model=None, config: Captione
     if caption_model is not None:
         if not hasattr(caption_model, "text_decoder"):
             raise TypeError(f"caption_model must be a BlipForConditionalGeneration, got {type(caption_model).__name__}")
-        cfg = config or config_from_transformers(caption_model.config, **ids)
+        cfg = config or config_from_transformers(caption_model.config, decoder_self_attention=decoder_self_attention,
+                                                 **ids)
         sd = _Tracked({k: v.detach().float().cpu() for k, v in caption_model.state_dict().items()})
-        mapped = {**_vision(sd, "vision_model.", cfg.vision.depth), **_text(sd, "text_decoder.bert.", cfg.text.depth),
+        own = cfg.text.decoder_self_attention
+        mapped = {**_vision(sd, "vision_model.", cfg.vision.depth),
+                  **_text(sd, "text_decoder.bert.", cfg.text.depth, ("dec_attn", "ln_dec") if own else ("attn", "ln_1")),
                   "text.head_dense.weight": sd["text_decoder.cls.predictions.transform.dense.weight"],
                   "text.head_dense.bias": sd["text_decoder.cls.predictions.transform.dense.bias"],
                   "text.head_ln.weight": sd["text_decoder.cls.predictions.transform.LayerNorm.weight"],
@@ -153,17 +175,18 @@ def from_transformers(caption_model=None, retrieval_model=None, config: Captione
                 "text_decoder.bert.embeddings.word_embeddings.weight"]):
             raise ValueError("the LM head is not tied to the word embeddings; minivl's BertText always ties them")
         out.append(_load(Captioner(cfg), mapped, sd, ("vision_model.", "text_decoder."),
-                         skip=("vision_proj", "text_proj", "itm_head", "temp")))
+                         skip=("vision_proj", "text_proj", "itm_head", "temp") + _unported(cfg, "encoder")))
     if retrieval_model is not None:
         if not hasattr(retrieval_model, "itm_head"):
             raise TypeError(f"retrieval_model must be a BlipForImageTextRetrieval, got {type(retrieval_model).__name__}")
-        cfg = config or config_from_transformers(retrieval_model.config, **ids)
+        cfg = config or config_from_transformers(retrieval_model.config, decoder_self_attention=decoder_self_attention,
+                                                 **ids)
         sd = _Tracked({k: v.detach().float().cpu() for k, v in retrieval_model.state_dict().items()})
         mapped = {**_vision(sd, "vision_model.", cfg.vision.depth), **_text(sd, "text_encoder.", cfg.text.depth)}
         for name in ("vision_proj", "text_proj", "itm_head"):
             mapped[f"{name}.weight"], mapped[f"{name}.bias"] = sd[f"{name}.weight"], sd[f"{name}.bias"]
         out.append(_load(Captioner(cfg), mapped, sd, ("vision_model.", "text_encoder.", "vision_proj", "text_proj",
-                                                      "itm_head"), skip=("text.head", "temp")))
+                                                      "itm_head"), skip=("text.head", "temp") + _unported(cfg, "decoder")))
     return out[0] if len(out) == 1 else tuple(out)
 
 

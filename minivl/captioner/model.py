@@ -15,8 +15,10 @@ text side is `BertText`, one BERT-style stack used in three modes with shared we
   patches; next-token cross-entropy with label smoothing 0.1, pad and prompt positions ignored.
 
 Loss = ITC + ITM + LM, each logged. Not reproduced from the paper: the momentum encoder with its
-soft targets and feature queue, and CapFilt (bootstrapping captions from web data). BLIP shares
-everything but the self-attention between its encoder and decoder; here all weights are shared.
+soft targets and feature queue, and CapFilt (bootstrapping captions from web data). As in BLIP,
+the decoder has its own causal self-attention and shares everything else with the encoder
+(`BertTextConfig.decoder_self_attention`; False shares that too, the earlier design, which the
+ITC/ITM objectives then pull away from captioning).
 
 The one idea to take away: understanding and generation can share one network. The encoder modes
 teach the text side what in the picture each word refers to, which the decoder then uses to
@@ -43,13 +45,16 @@ IDS = dict(pad_id=_PAD, bos_id=_PAD + 1, eos_id=_PAD + 2, enc_id=WORLD_VOCAB, de
 OBJECTIVES = ("itc", "itm", "lm")
 
 PRESETS = {
+    # every preset gives the decoder its own causal self-attention, as BLIP does
     "tiny": dict(vision=dict(image_size=32, patch_size=8, width=32, depth=2, heads=2),
-                 text=dict(width=32, depth=2, heads=2), embed_dim=32),
-    # the vision tower is CLIP-cpu's (so its weights load), the text side the probe's 64 x 4
+                 text=dict(width=32, depth=2, heads=2, decoder_self_attention=True), embed_dim=32),
+    # the vision tower is CLIP-cpu's (so its weights load), read at its penultimate hidden state (the
+    # last block's patch outputs were never trained by CLIP); the text side the probe's 64 x 4
     "cpu": dict(vision=dict(image_size=64, patch_size=8, width=64, depth=4, heads=4),
-                text=dict(width=64, depth=4, heads=4), embed_dim=64, itm_rows=16),
+                text=dict(width=64, depth=4, heads=4, decoder_self_attention=True), embed_dim=64, itm_rows=16,
+                memory_layer=-2, matching_trains_vision=False),  # see CaptionerConfig.matching_trains_vision
     "gpu": dict(vision=dict(image_size=128, patch_size=8, width=384, depth=8, heads=6),
-                text=dict(width=384, depth=6, heads=6), embed_dim=256),
+                text=dict(width=384, depth=6, heads=6, decoder_self_attention=True), embed_dim=256, memory_layer=-2),
 }
 
 
@@ -62,8 +67,19 @@ class CaptionerConfig:
     temperature_init: float = 0.07  # ITC temperature at the start; learned, clamped to [0.001, 0.5] as BLIP does
     label_smoothing: float = 0.1  # LM targets: 0.9 on the next token, 0.1 spread over the vocabulary
     objectives: tuple[str, ...] = OBJECTIVES  # which losses `loss` sums ("lm" alone is the ablation)
+    matching_weight: float = 1.0  # ITC and ITM each enter the total with this weight (BLIP: 1)
+    # whether ITC and ITM train the image encoder too (BLIP: yes); False detaches the image tokens they read,
+    # so only the LM shapes the vision tower and the matching losses train the text side and projections.
+    # The cpu preset detaches: its text side starts random, and early ITC/ITM gradients through the
+    # CLIP tower at the captioner's lr wreck it (800 steps: 30% exact scenes, 59% detached, LM alone 71%)
+    matching_trains_vision: bool = True
     itm_rows: int | None = None  # ITM judges this many rows of a batch (+ 2 hard negatives each); None = all.
     #                              ITM runs the cross-attending text stack on 3 sequences per row: the costliest part
+    # which ViT hidden state the text cross-attends to: -1 = the last block's output after ln_post
+    # (BLIP's); -2 = the last block's input, through its own LayerNorm (ln_memory). CLIP trained its
+    # last block on the class token alone, so its patch outputs there never got a signal; the
+    # class token (ITC) is always the last block's, computed for that one token as CLIP does
+    memory_layer: int = -1
     prompt: str = "a picture of"  # BLIP's captioning prompt: prefixed in training and generation, never scored
     pad_id: int = IDS["pad_id"]  # the tokenizer's <|pad|>
     bos_id: int = IDS["bos_id"]  # the tokenizer's <|bos|>: BLIP's [CLS], the ITC text summary
@@ -83,6 +99,8 @@ class CaptionerConfig:
             raise ValueError(f"vocab_size ({self.vocab_size}) must be <= text.vocab_size ({self.text.vocab_size})")
         self.temperature_init = validate.real("temperature_init", self.temperature_init, 0.001, 0.5)
         self.label_smoothing = validate.real("label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
+        self.matching_weight = validate.real("matching_weight", self.matching_weight, 0.0)
+        validate.boolean("CaptionerConfig.matching_trains_vision", self.matching_trains_vision)
         self.objectives = tuple(self.objectives)
         if self.itm_rows is not None:
             validate.positive_int("CaptionerConfig.itm_rows", self.itm_rows)
@@ -92,6 +110,10 @@ class CaptionerConfig:
             raise ValueError(f"text.memory_dim ({self.text.memory_dim}) must equal vision.width ({self.vision.width})")
         for f in ("pad_id", "bos_id", "eos_id", "enc_id", "dec_id"):
             validate.vocab_id(f"CaptionerConfig.{f}", getattr(self, f), self.text.vocab_size, optional=False)
+        if isinstance(self.memory_layer, bool) or not isinstance(self.memory_layer, int) or not (
+                -self.vision.depth - 1 <= self.memory_layer <= -1):
+            raise ValueError(f"memory_layer must be an int in [-{self.vision.depth + 1}, -1] (a ViT hidden state "
+                             f"counted from the end), got {self.memory_layer!r}")
         if not isinstance(self.prompt, str):
             raise TypeError(f"prompt must be a str, got {type(self.prompt).__name__}")
         # generate() reads its defaults from the decoder's config
@@ -139,18 +161,45 @@ class Captioner(Checkpointable, nn.Module):
         self.text_proj = nn.Linear(c.text.width, c.embed_dim)
         self.itm_head = nn.Linear(c.text.width, 2)
         self.temp = nn.Parameter(torch.tensor(c.temperature_init))
+        self.ln_memory = nn.LayerNorm(c.vision.width, eps=c.vision.norm_eps) if c.memory_layer != -1 else None
         self.tokenizer = None  # set by `load` to the checkpoint's tokenizer; the world BPE otherwise
 
     # ------------------------------------------------------------------ the three modes
-    def image_tokens(self, pixel_values: torch.Tensor, need_weights: bool = False) -> torch.Tensor:
-        """(B, 3, H, W) -> image tokens (B, 1 + N, Dv) after ln_post: what the text cross-attends to."""
-        return self.vision(check_pixels(pixel_values, self.config.vision.image_size)).tokens
+    def encode_image(self, pixel_values: torch.Tensor, pooled: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, 3, H, W) -> (memory (B, 1 + N, Dv): what the text cross-attends to, the class token
+        (B, Dv) after ln_post: the image's ITC summary, or None when not `pooled`).
+
+        With memory_layer = -1 both come from the last block's output (BLIP). Otherwise the memory is
+        hidden state `memory_layer` through ln_memory, and the blocks after it run for the class
+        token alone (`Block(query_index=0)`, CLIP's pooled path), or not at all when not pooled."""
+        c, v = self.config, self.vision
+        pixel_values = check_pixels(pixel_values, c.vision.image_size)
+        if c.memory_layer == -1:
+            tokens = v(pixel_values).tokens  # (B, 1 + N, Dv)
+            return tokens, tokens[:, 0]
+        blocks = list(v.transformer.blocks)
+        k = len(blocks) + 1 + c.memory_layer  # blocks before the memory's hidden state
+        x = v.ln_pre(v.embed(pixel_values))  # (B, 1 + N, Dv)
+        for block in blocks[:k]:
+            x, _ = block(x)
+        memory, cls = self.ln_memory(x), None
+        if pooled:
+            for block in blocks[k:-1]:
+                x, _ = block(x)
+            cls = v.ln_post(blocks[-1](x, query_index=0)[0][:, 0])  # (B, Dv)
+        return memory, cls
+
+    def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> image tokens (B, 1 + N, Dv): what the text cross-attends to."""
+        return self.encode_image(pixel_values, pooled=False)[0]
 
     def temperature(self) -> torch.Tensor:
         return self.temp.clamp(0.001, 0.5)
 
-    def image_features(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.vision_proj(tokens[:, 0]).float(), dim=-1)  # (B, E) from the class token
+    def image_features(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The class token (B, Dv) -> unit ITC vectors (B, E)."""
+        return F.normalize(self.vision_proj(pooled).float(), dim=-1)  # (B, E)
 
     def text_features(self, input_ids, attention_mask=None) -> torch.Tensor:
         """Unimodal encoder: ids starting with bos ([CLS]) -> unit vectors (B, E)."""
@@ -201,21 +250,23 @@ class Captioner(Checkpointable, nn.Module):
         ids = batch["input_ids"]
         mask = batch.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask
-        tokens = self.image_tokens(batch["image"])  # (B, 1 + N, Dv)
+        objectives, logs, total = self.config.objectives, {}, 0.0
+        tokens, cls = self.encode_image(batch["image"], pooled="itc" in objectives or "itm" in objectives)
         B = tokens.shape[0]
         if ids.shape[0] != B:
             raise ValueError(f"one caption per image: {B} images, {ids.shape[0]} captions")
         pos = batch.get("positives")
         pos = torch.eye(B, dtype=torch.bool, device=tokens.device) if pos is None else pos.to(tokens.device).bool()
-        objectives, logs, total = self.config.objectives, {}, 0.0
+        w = self.config.matching_weight
         if "itc" in objectives or "itm" in objectives:
-            img_f, txt_f = self.image_features(tokens), self.text_features(ids, mask)
+            seen, cls = (tokens, cls) if self.config.matching_trains_vision else (tokens.detach(), cls.detach())
+            img_f, txt_f = self.image_features(cls), self.text_features(ids, mask)
             if "itc" in objectives:
                 logs["itc"] = clip_loss(img_f, txt_f, temperature=self.temperature(), positives=pos)
-                total = total + logs["itc"]
+                total = total + w * logs["itc"]
         if "itm" in objectives:
-            logs["itm"], logs["itm_acc"] = self._itm_loss(tokens, ids, mask, img_f, txt_f, pos)
-            total = total + logs["itm"]
+            logs["itm"], logs["itm_acc"] = self._itm_loss(seen, ids, mask, img_f, txt_f, pos)
+            total = total + w * logs["itm"]
         if "lm" in objectives:
             lm_ids, lm_mask, labels = self.lm_inputs(ids, mask)
             logits = self.text(lm_ids, lm_mask, memory=tokens)  # (B, L, V)
@@ -275,7 +326,7 @@ class Captioner(Checkpointable, nn.Module):
     @torch.no_grad()
     def similarity(self, images, texts) -> torch.Tensor:
         """ITC cosine similarities (B_img, B_txt), as CLIP's (before the temperature)."""
-        img_f = self.image_features(self.image_tokens(images))
+        img_f = self.image_features(self.encode_image(images)[1])
         ids, mask = self._texts(texts, self.config.bos_id)
         return img_f @ self.text_features(ids, mask).T
 

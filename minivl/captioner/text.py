@@ -12,7 +12,14 @@ The module serves BLIP's three modes with the same weights:
 - image-grounded decoder (LM): causal self-attention + cross-attention; `forward` is this mode
   and follows the `minivl.generation.Decoder` protocol, so captions decode through the one engine.
 
-The one idea to take away: encoder or decoder is not a different network, it is a different
+With `decoder_self_attention=True` (BLIP's own choice) the decoder has its own causal
+self-attention (and its LayerNorm) in every block and shares the rest - embeddings,
+cross-attention, MLP - with the encoder: reading a whole sentence and writing one left to right
+need different attention patterns, and one set of self-attention weights serving both makes the
+ITC/ITM objectives pull against the captioning one. Each block is then a `BertLayer`, the one
+`Block` with that second self-attention module chosen in decoder mode.
+
+The one idea to take away: encoder or decoder is mostly not a different network, it is a different
 mask. The same weights read a sentence all at once (to judge it) or left to right (to write it).
 """
 from __future__ import annotations
@@ -25,7 +32,7 @@ from torch import nn
 from minivl import validate
 from minivl.lm import positions_from_mask
 from minivl.text import check_tokens
-from minivl.transformer import ACTIVATIONS, LayerCache, Transformer, init_weights
+from minivl.transformer import ACTIVATIONS, Attention, Block, LayerCache, Transformer, init_weights
 
 
 @dataclass
@@ -40,6 +47,7 @@ class BertTextConfig:
     norm_eps: float = 1e-12  # BERT's LayerNorm epsilon
     dropout: float = 0.0  # attention/MLP/embedding dropout
     memory_dim: int = 64  # width of the image tokens the cross-attention reads (the ViT's width)
+    decoder_self_attention: bool = False  # the decoder's own causal self-attention (BLIP's); False = shared
     pad_id: int | None = None  # ids generate() defaults to; the captioner's config fills them in
     eos_id: int | None = None
 
@@ -48,8 +56,35 @@ class BertTextConfig:
                                                memory_dim=1),
                                reals=dict(mlp_ratio=(0, None, True), norm_eps=(0, None, True),
                                           dropout=(0, 1, False, True)), strings=("activation",))
+        validate.boolean("BertTextConfig.decoder_self_attention", self.decoder_self_attention)
         for f in ("pad_id", "eos_id"):
             validate.vocab_id(f"BertTextConfig.{f}", getattr(self, f), self.vocab_size)
+
+
+class BertLayer(Block):
+    """A post-norm `Block` with a second, causal self-attention (`dec_attn`, `ln_dec`) used in decoder
+    mode (BLIP's decoder: its own self-attention, the cross-attention and MLP shared).
+
+    `decoding` picks the self-attention of the next call; `BertText` sets it before every pass."""
+
+    def __init__(self, dim: int, n_heads: int, **kwargs) -> None:
+        super().__init__(dim, n_heads, post_norm=True, **kwargs)
+        self.dec_attn = Attention(dim, n_heads, dropout=kwargs.get("dropout", 0.0))
+        self.ln_dec = nn.LayerNorm(dim, eps=kwargs.get("norm_eps", 1e-5))
+        self.decoding = False
+
+    def _post_norm(self, x, mask, is_causal, memory, memory_mask, cache, need_weights, query_index,
+                   use_cross_attention):
+        if not self.decoding:
+            return super()._post_norm(x, mask, is_causal, memory, memory_mask, cache, need_weights, query_index,
+                                      use_cross_attention)
+        encoder_attn, encoder_ln = self.attn, self.ln_1
+        try:  # the decoder's own self-attention, the rest of the block as it is
+            self.attn, self.ln_1 = self.dec_attn, self.ln_dec
+            return super()._post_norm(x, mask, is_causal, memory, memory_mask, cache, need_weights, query_index,
+                                      use_cross_attention)
+        finally:
+            self.attn, self.ln_1 = encoder_attn, encoder_ln
 
 
 class BertText(nn.Module):
@@ -65,6 +100,10 @@ class BertText(nn.Module):
         self.transformer = Transformer(c.width, c.depth, c.heads, mlp_ratio=c.mlp_ratio, activation=c.activation,
                                        cross_attention=True, memory_dim=c.memory_dim, norm_eps=c.norm_eps,
                                        dropout=c.dropout, post_norm=True)
+        if c.decoder_self_attention:
+            self.transformer.blocks = nn.ModuleList(
+                BertLayer(c.width, c.heads, mlp_ratio=c.mlp_ratio, activation=c.activation, cross_attention=True,
+                          memory_dim=c.memory_dim, norm_eps=c.norm_eps, dropout=c.dropout) for _ in range(c.depth))
         # the LM prediction head: a transform, then the token embedding matrix read backwards
         self.head_dense = nn.Linear(c.width, c.width)
         self.head_ln = nn.LayerNorm(c.width, eps=c.norm_eps)
@@ -75,6 +114,12 @@ class BertText(nn.Module):
 
     def new_cache(self) -> list[LayerCache]:
         return self.transformer.new_cache()
+
+    def _mode(self, decoding: bool) -> None:
+        """Which self-attention the blocks use next: the decoder's own (BertLayer) or the encoder's."""
+        for block in self.transformer.blocks:
+            if isinstance(block, BertLayer):
+                block.decoding = decoding
 
     def embed(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings (B, T, D), positions not yet added (the Decoder protocol)."""
@@ -99,6 +144,7 @@ class BertText(nn.Module):
                                                  attention_mask)
         T = input_ids.shape[1]
         x = self._inputs(self.token_embedding(input_ids), torch.arange(T, device=input_ids.device))
+        self._mode(decoding=False)
         out = self.transformer(x, attention_mask=attention_mask, memory=memory, memory_mask=memory_mask,
                                use_cross_attention=memory is not None, need_weights=need_weights)
         return out if need_weights else out.last_hidden_state
@@ -130,6 +176,7 @@ class BertText(nn.Module):
         else:
             positions = torch.arange(past, past + T, device=x.device).expand(B, T)  # (B, T)
         memory = validate.tensor("memory", memory, shape=(B, None, self.config.memory_dim), kind="float")
+        self._mode(decoding=True)
         out = self.transformer(self._inputs(x, positions), attention_mask=attention_mask, causal=True,
                                memory=memory.to(x.dtype), memory_mask=memory_mask, cache=cache,
                                need_weights=need_weights)
@@ -137,4 +184,4 @@ class BertText(nn.Module):
         return (logits, out) if need_weights else logits
 
 
-__all__ = ["BertTextConfig", "BertText"]
+__all__ = ["BertTextConfig", "BertText", "BertLayer"]
