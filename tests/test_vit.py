@@ -141,6 +141,18 @@ def test_config_checks_patch_size_and_preset_name():
     assert ViTConfig.preset("tiny", width=64).width == 64
 
 
+def test_hidden_state_runs_only_the_blocks_before_it():
+    vit = _vit()
+    x = _images(B=2)
+    states = vit(x, output_hidden_states=True).hidden_states
+    depth = vit.config.depth
+    for layer in range(-depth - 1, depth + 1):
+        torch.testing.assert_close(vit.hidden_state(x, layer), states[layer])
+    for bad in (depth + 1, -depth - 2, 1.0, True):
+        with pytest.raises(ValueError, match="layer must be an int"):
+            vit.hidden_state(x, bad)
+
+
 def test_attention_maps_are_the_class_token_row():
     vit = _vit()
     c = vit.config

@@ -179,13 +179,10 @@ class Captioner(Checkpointable, nn.Module):
             tokens = v(pixel_values).tokens  # (B, 1 + N, Dv)
             return tokens, tokens[:, 0]
         blocks = list(v.transformer.blocks)
-        k = len(blocks) + 1 + c.memory_layer  # blocks before the memory's hidden state
-        x = v.ln_pre(v.embed(pixel_values))  # (B, 1 + N, Dv)
-        for block in blocks[:k]:
-            x, _ = block(x)
+        x = v.hidden_state(pixel_values, c.memory_layer)  # (B, 1 + N, Dv)
         memory, cls = self.ln_memory(x), None
         if pooled:
-            for block in blocks[k:-1]:
+            for block in blocks[len(blocks) + 1 + c.memory_layer:-1]:
                 x, _ = block(x)
             cls = v.ln_post(blocks[-1](x, query_index=0)[0][:, 0])  # (B, Dv)
         return memory, cls

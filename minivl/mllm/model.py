@@ -147,7 +147,7 @@ class LlavaModel(Checkpointable, nn.Module):
         """(n, 3, H, W) in [-1, 1] -> (n, num_image_tokens, D): what replaces the image tokens."""
         c = self.config
         with torch.set_grad_enabled(torch.is_grad_enabled() and not c.freeze_vision):
-            hidden = self.vision(pixel_values, output_hidden_states=True).hidden_states[c.vision_layer]
+            hidden = self.vision.hidden_state(pixel_values, c.vision_layer)  # (n, 1 + N, Dv)
         patches = hidden[:, 1:]  # (n, N, Dv): the class token is CLIP's summary, not a place in the image
         return self.projector(pixel_shuffle(patches, c.pixel_shuffle))  # (n, N / r², D)
 

@@ -301,9 +301,7 @@ class ViltForQuestionAnswering(Checkpointable, nn.Module):
                              f"{tuple(pixel_values.shape[-2:])}: resize with the processor")
         frozen = not any(p.requires_grad for p in v.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):  # a frozen tower needs no graph
-            x = v.ln_pre(v.embed(pixel_values))  # (B, 1 + N, Dv)
-            for block in list(v.transformer.blocks)[:c.vision.depth + 1 + c.vision_layer]:
-                x, _ = block(x)
+            x = v.hidden_state(pixel_values, c.vision_layer)  # (B, 1 + N, Dv)
             if c.image_pool > 1:  # k x k patches -> one token: fewer keys for every word to search
                 g = rearrange(x[:, 1:], "b (gh gw) d -> b d gh gw", gh=c.grid)
                 g = F.avg_pool2d(g, c.image_pool)  # (B, Dv, grid/k, grid/k)
