@@ -238,13 +238,17 @@ class Block(nn.Module):
         return x, weights
 
     def _post_norm(self, x, mask, is_causal, memory, memory_mask, cache, need_weights, query_index,
-                   use_cross_attention):
-        """BERT's order: every sub-layer's output is added to its input, then normalised."""
+                   use_cross_attention, self_attn=None, self_ln=None):
+        """BERT's order: every sub-layer's output is added to its input, then normalised.
+        self_attn / self_ln: another self-attention and its LayerNorm in place of `attn` / `ln_1`
+        (BLIP's decoder has its own; minivl.captioner.text.BertLayer)."""
         if query_index is not None:
             raise ValueError("pool_index is not supported by post-norm blocks")
-        a, weights = self.attn(x, mask=mask, is_causal=is_causal, cache=cache.self_attn if cache else None,
+        self_attn = self.attn if self_attn is None else self_attn
+        self_ln = self.ln_1 if self_ln is None else self_ln
+        a, weights = self_attn(x, mask=mask, is_causal=is_causal, cache=cache.self_attn if cache else None,
                                need_weights=need_weights)
-        x = self.ln_1(x + self.drop(a))  # (B, T, D)
+        x = self_ln(x + self.drop(a))  # (B, T, D)
         if self.cross_attn is not None and use_cross_attention:
             if memory is None:
                 raise ValueError("this block has cross-attention: pass `memory` (what to attend to)")

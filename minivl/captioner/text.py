@@ -75,16 +75,9 @@ class BertLayer(Block):
 
     def _post_norm(self, x, mask, is_causal, memory, memory_mask, cache, need_weights, query_index,
                    use_cross_attention):
-        if not self.decoding:
-            return super()._post_norm(x, mask, is_causal, memory, memory_mask, cache, need_weights, query_index,
-                                      use_cross_attention)
-        encoder_attn, encoder_ln = self.attn, self.ln_1
-        try:  # the decoder's own self-attention, the rest of the block as it is
-            self.attn, self.ln_1 = self.dec_attn, self.ln_dec
-            return super()._post_norm(x, mask, is_causal, memory, memory_mask, cache, need_weights, query_index,
-                                      use_cross_attention)
-        finally:
-            self.attn, self.ln_1 = encoder_attn, encoder_ln
+        own = (self.dec_attn, self.ln_dec) if self.decoding else (None, None)  # None: the encoder's attn / ln_1
+        return super()._post_norm(x, mask, is_causal, memory, memory_mask, cache, need_weights, query_index,
+                                  use_cross_attention, *own)
 
 
 class BertText(nn.Module):
