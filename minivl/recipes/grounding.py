@@ -41,7 +41,6 @@ class GroundingRecipe(Recipe):
     from_clip: bool = True  # start the towers from data/checkpoints/clip-<preset> when it exists
     eval_scenes: int = 500  # test (and held-out) scenes for AP
     referring_scenes: int = 300  # test scenes whose every referring expression is grounded
-    tower_lr_scale: float = 1.0  # learning-rate multiplier of the CLIP towers (the heads train at lr)
 
 
 RECIPES = {
@@ -135,8 +134,7 @@ def run(preset: str = "cpu", steps: int | None = None, device=None, out=None, se
     def quick_eval(m, step):  # 100 test scenes: a sign of learning while it trains
         return {"combos_AP50": detection_eval(m, world, "test", min(100, recipe.eval_scenes), "combos")["AP50"]}
     trainer, history, timing = fit(model, batches, recipe, seed=seed, progress=progress, bf16=bf16, device=device,
-                                   run_dir=run_dir, eval_fn=quick_eval, resume=resume, force=force,
-                                   lr_scale={"clip": recipe.tower_lr_scale} if recipe.tower_lr_scale != 1 else None)
+                                   run_dir=run_dir, eval_fn=quick_eval, resume=resume, force=force)
     if not trainer.dist.main:
         return {}
     details = {}
