@@ -40,6 +40,35 @@ def test_every_objective_is_logged_and_the_total_is_their_sum(tok):
     assert "itc" not in logs and "itm" not in logs
 
 
+def test_lm_finetune_schedule_switches_to_lm_alone_at_its_share(tok):
+    """BLIP's two stages in one run: all objectives, then the last share of steps on the LM loss alone."""
+    import dataclasses
+    from minivl.recipes.captioner import RECIPES, finetune_schedule
+    recipe = dataclasses.replace(RECIPES["tiny"], steps=10, lm_finetune_share=0.3)
+    stage, m = finetune_schedule(recipe), tiny()
+    seen = []
+    for step in range(10):  # the Trainer calls it with the index of the next step (and the recipe before a resume)
+        stage(m, step)
+        seen.append(set(m.loss(batch(tok))[1]) & {"itc", "itm", "lm"})
+    assert seen[:7] == [{"itc", "itm", "lm"}] * 7 and seen[7:] == [{"lm"}] * 3
+    stage(m, 0)  # a run resumed before the switch is back on all three
+    assert m.config.objectives == tuple(recipe.objectives)
+    never = finetune_schedule(dataclasses.replace(recipe, lm_finetune_share=0.0))
+    never(m, 9)
+    assert m.config.objectives == tuple(recipe.objectives)
+    weighted = finetune_schedule(dataclasses.replace(recipe, finetune_matching_weight=0.25), matching_weight=1.0)
+    weighted(m, 8)  # the fine-tune keeps ITC + ITM, at their fine-tune weight: the total says so
+    loss, logs = m.loss(batch(tok))
+    assert m.config.objectives == tuple(recipe.objectives) and m.config.matching_weight == 0.25
+    assert loss.item() == pytest.approx((logs["lm"] + 0.25 * (logs["itc"] + logs["itm"])).item(), rel=1e-5)
+    weighted(m, 0)
+    assert m.config.matching_weight == 1.0
+    with pytest.raises(ValueError, match="lm_finetune_share"):
+        finetune_schedule(dataclasses.replace(recipe, lm_finetune_share=1.5))
+    with pytest.raises(ValueError, match="finetune_matching_weight"):
+        finetune_schedule(dataclasses.replace(recipe, finetune_matching_weight=-1.0))
+
+
 def test_losses_at_known_points(tok):
     m = tiny()
     with torch.no_grad():  # a zero LM transform and head: uniform next-token logits, zero ITM logits

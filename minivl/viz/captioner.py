@@ -18,8 +18,8 @@ def plot_objective_curves(train_log: list[dict], keys=("itc", "itm", "lm", "loss
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     steps = [r["step"] for r in train_log]
     for k in keys:
-        if train_log and k in train_log[0]:
-            v = np.array([r[k] for r in train_log], dtype=float)
+        if train_log and k in train_log[0]:  # ITC/ITM records stop where an LM-only fine-tune starts
+            v = np.array([r.get(k, np.nan) for r in train_log], dtype=float)
             if smooth > 1 and len(v) >= smooth:
                 v = np.convolve(v, np.ones(smooth) / smooth, mode="valid")
             ax.plot(steps[len(steps) - len(v):], v, label="total" if k == "loss" else k.upper(), lw=1.2)
