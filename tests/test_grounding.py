@@ -307,3 +307,88 @@ def test_every_parameter_but_clips_pooling_path_gets_a_gradient(world, tokenizer
     no_grad = {n for n, p in model.named_parameters() if p.grad is None}
     # OWL-ViT reads every patch token, not CLIP's pooled image embedding, and has no contrastive temperature
     assert no_grad == {"clip.visual_projection.weight", "clip.logit_scale"}
+
+
+# ---------------------------------------------------------------------------- options added later
+def test_batched_pairwise_giou_equals_the_checked_per_image_call():
+    from minivl.grounding.matcher import pairwise_giou
+    from minivl.metrics.boxes import generalized_box_iou
+    g = torch.Generator().manual_seed(0)
+    pred, tgt = torch.rand(3, 16, 4, generator=g) * 0.5 + 0.05, torch.rand(3, 5, 4, generator=g) * 0.5 + 0.05
+    tgt[1, 3:] = 0.0  # padding targets (zero boxes) stay finite
+    xyxy = lambda b: box_convert(b, "cxcywh", "xyxy")  # noqa: E731
+    want = torch.stack([generalized_box_iou(xyxy(p), xyxy(t)) for p, t in zip(pred, tgt)])
+    torch.testing.assert_close(pairwise_giou(pred, tgt), want, atol=1e-6, rtol=0)
+
+
+def test_fusion_starts_as_plain_owlvit_and_then_depends_on_the_query(world, tokenizer):
+    plain = tiny()
+    fused = tiny(fusion_depth=1)
+    fused.load_state_dict(plain.state_dict(), strict=False)  # the towers and heads; the enhancer keeps its init
+    assert set(fused.state_dict()) - set(plain.state_dict()) == {k for k in fused.state_dict() if k.startswith("fusion.")}
+    fused.tokenizer = plain.tokenizer = tokenizer
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    q = fused.tokenize(["the leftmost object", "the object left of the red circle", "the rightmost object"])
+    torch.testing.assert_close(fused(images, **q, fuse=True).logits, plain(images, **q).logits, atol=1e-5, rtol=0)
+    with torch.no_grad():  # a trained enhancer: every residual branch moved off zero
+        for p in fused.fusion.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    out = fused(images, **q, fuse=True).logits
+    assert not torch.allclose(out, plain(images, **q).logits, atol=1e-3)
+    torch.testing.assert_close(fused(images, **q).logits, plain(images, **q).logits)  # fuse=False: plain OWL-ViT
+    # one query at a time gives the same fused logits: the enhancer runs per (image, query)
+    one = fused(images, **fused.tokenize(["the object left of the red circle"]), fuse=True).logits
+    torch.testing.assert_close(one[..., 0], out[..., 1], atol=1e-5, rtol=0)
+    box, score = ground(fused, world.scene(0, "test").image, "the leftmost object")
+    assert box.shape == (4,) and 0 <= float(score) <= 1
+    with pytest.raises(ValueError, match="fuse=True needs text queries"):
+        fused(images, query_embeds=torch.randn(2, fused.config.clip.embed_dim), fuse=True)
+    with pytest.raises(ValueError, match="fusion_depth"):
+        OWLViTConfig(fusion_depth=-1)
+
+
+def test_fusion_trains_on_the_referring_columns(world, tokenizer):
+    model = tiny(fusion_depth=1).train()
+    batch = make_batch(world, [world.scene(i) for i in range(4)], tokenizer, 40, np.random.default_rng(0))
+    V = int((~batch["query_fused"]).sum())
+    assert batch["query_fused"][V:].all() and (batch["query_index"][:, V:] >= 0).any()  # referring columns last
+    loss, _ = model.loss(batch)
+    loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if n.startswith("fusion."))
+    assert model.fusion.query_in.weight.grad.abs().sum() > 0
+    plain_loss, _ = model.loss({k: v for k, v in batch.items() if k != "query_fused"})  # no flags: no fusion
+    torch.testing.assert_close(plain_loss, loss, atol=1e-5, rtol=0)  # (the enhancer is still the identity)
+
+
+def test_referring_eval_asks_each_scene_its_own_expressions(world, tokenizer):
+    from minivl.grounding import referring_eval
+    model = tiny()
+    model.tokenizer = tokenizer
+    res = referring_eval(model, world, "test", 4, batch_size=3)
+    n = sum(len(world.referring(world.scene(i, "test"))) for i in range(4))
+    assert sum(res[f"n_{k}"] for k in ("attribute", "relation", "extreme") if f"n_{k}" in res) == n
+    scene = world.scene(0, "test")
+    ref = world.referring(scene)[0]
+    box, _ = ground(model, scene.image, ref.text)  # the first expression of scene 0, as ground finds it
+    alone = referring_eval(model, world, "test", 1, batch_size=1)
+    assert alone["all"] == referring_eval(model, world, "test", 1, batch_size=5)["all"]
+    assert box.shape == (4,)
+
+
+def test_recipe_head_lr_scale_reaches_the_heads_only():
+    from minivl.recipes.grounding import HEADS, GroundingRecipe
+    model = tiny(fusion_depth=1)
+    names = [n for n, _ in model.named_parameters()]
+    assert all(any(n.startswith(h) for n in names) for h in HEADS)  # every prefix names real parameters
+    assert not any(n.startswith(h) for n in names if n.startswith("clip.") for h in HEADS)
+    with pytest.raises(ValueError, match="head_lr_scale"):
+        GroundingRecipe(steps=10, batch_size=2, lr=1e-3, warmup_steps=1, weight_decay=0.0, head_lr_scale=0.0)
+
+
+def test_prefetched_batches_are_the_same_batches(world, tokenizer):
+    from minivl.recipes.grounding import make_batches
+    plain = make_batches(world, tokenizer, 3, 40, 2, seed=1)
+    ahead = make_batches(world, tokenizer, 3, 40, 2, seed=1, prefetch=True)
+    for step in (0, 1, 2, 7, 8, 3):  # in order, then a jump forward and one back (a resume)
+        a, b = plain(step), ahead(step)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

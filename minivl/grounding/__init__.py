@@ -13,6 +13,7 @@ The package's files, one concept each:
 - `targets.py` training queries and targets from Shapes World's scene graph
 - `matcher.py` Hungarian matching (scipy) with class, L1 and GIoU costs
 - `loss.py`    sigmoid focal loss + L1 + GIoU on the matched pairs
+- `fusion.py`  an optional Grounding-DINO-style enhancer: patches read the referring expression first
 - `predict.py` predict / annotate / post_process_object_detection / ground / image-guided queries
 - `eval.py`    COCO AP for shape and colour-shape queries (seen vs held-out pairs), referring accuracy,
                the precision-recall curve

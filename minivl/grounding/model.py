@@ -31,10 +31,13 @@ from torch import nn
 from minivl import validate
 from minivl.checkpoint import Checkpointable
 from minivl.clip import CLIP, CLIPConfig
+from minivl.grounding.fusion import QueryFusion
 
 # the towers are CLIP's presets of the same name (so a CLIP checkpoint loads into them); the heads are
-# OWL-ViT's plain ones: the centre prior in the matching (cost_center) and the dense box lessons
-# (dense_boxes) stay off - measured at 1,000 cpu steps they lowered every figure (notes/grounding.md)
+# OWL-ViT's plain ones: the centre prior in the matching (cost_center), the dense box lessons (dense_boxes) and the
+# fusion enhancer (fusion_depth) stay off - measured at 800-1,000 cpu steps none raised a figure enough for its cost
+# (dense_boxes=1 lowered colour-shape COCO AP 0.48 -> 0.38; fusion_depth=1 took 1.9x the time for relations
+# 36% -> 39%: /work/notes/grounding/log.md)
 PRESETS = {
     "tiny": dict(clip="tiny"),
     "cpu": dict(clip="cpu"),
@@ -61,6 +64,9 @@ class OWLViTConfig:
     prior_prob: float = 0.01  # the initial probability of every (patch, query) pair (RetinaNet's prior)
     logit_scale_init: float = 1.0  # the initial elu(scale) + 1 of the class head: 1 as transformers inits it;
     #                                larger lets a cosine move the logit further from the start
+    fusion_depth: int = 0  # Blocks of the query-fusion enhancer (`minivl.grounding.fusion`) that referring
+    #                        expressions go through before the class head; 0 = none (plain OWL-ViT, as transformers)
+    fusion_mlp_ratio: float = 2.0  # the enhancer Blocks' MLP width as a multiple of the patch width
 
     def __post_init__(self) -> None:
         if isinstance(self.clip, dict):
@@ -74,6 +80,9 @@ class OWLViTConfig:
         self.logit_scale_init = validate.real("logit_scale_init", self.logit_scale_init, 0, low_open=True)
         for name in ("focal_gamma", "cost_class", "cost_l1", "cost_giou", "cost_center", "dense_boxes"):
             setattr(self, name, validate.real(name, getattr(self, name), 0))
+        if isinstance(self.fusion_depth, bool) or not isinstance(self.fusion_depth, int) or self.fusion_depth < 0:
+            raise ValueError(f"fusion_depth must be an int >= 0, got {self.fusion_depth!r}")
+        self.fusion_mlp_ratio = validate.real("fusion_mlp_ratio", self.fusion_mlp_ratio, 0, low_open=True)
 
     @property
     def grid(self) -> int:
@@ -158,6 +167,8 @@ class OWLViT(Checkpointable, nn.Module):
         self.box_head = BoxHead(D)
         self.class_head = ClassHead(D, E, c.prior_prob, c.logit_scale_init)
         self.register_buffer("box_bias", box_bias(c.grid, c.box_anchor), persistent=False)  # (N, 4)
+        self.fusion = QueryFusion(D, c.clip.text.width, E, c.fusion_depth, c.clip.vision.heads, c.fusion_mlp_ratio,
+                                  c.clip.vision.norm_eps) if c.fusion_depth else None
         self.tokenizer = None  # set by `load` (the CLIP tokenizer saved with the checkpoint)
 
     @classmethod
@@ -180,6 +191,24 @@ class OWLViT(Checkpointable, nn.Module):
         t = self.clip.encode_text(text)  # (Q, E)
         return t / t.norm(dim=-1, keepdim=True)
 
+    def embed_text_tokens(self, input_ids, attention_mask=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token ids (Q, T) -> (L2-normalised query embeddings (Q, E) as `embed_text`, the text tower's
+        token features (Q, T, Dt), the attention mask (Q, T) bool): what the fusion enhancer reads."""
+        text = input_ids if isinstance(input_ids, dict) else {"input_ids": input_ids, "attention_mask": attention_mask}
+        ids, mask = self.clip._text_inputs(text)
+        out = self.clip.text(ids, mask)
+        t = self.clip.text_projection(out.pooled)  # (Q, E)
+        return t / t.norm(dim=-1, keepdim=True), out.tokens, mask.bool()
+
+    def fused_logits(self, features: torch.Tensor, queries: torch.Tensor, tokens: torch.Tensor,
+                     mask: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (B, N, D), queries (B, F, E), their text tokens (B, F, T, Dt) and mask (B, F, T) ->
+        logits (B, N, F) of the query-conditioned patches (the fusion enhancer, then the class head)."""
+        B, F_ = queries.shape[:2]
+        fused = rearrange(self.fusion(features, queries, tokens, mask), "b f n d -> (b f) n d")
+        logits, _ = self.class_head(fused, rearrange(queries, "b f e -> (b f) 1 e"))  # (B*F, N, 1)
+        return rearrange(logits, "(b f) n 1 -> b n f", b=B, f=F_)
+
     def boxes(self, features: torch.Tensor) -> torch.Tensor:
         """Merged tokens (B, N, D) -> boxes (B, N, 4), normalised cxcywh: sigmoid(offsets + grid bias)."""
         return torch.sigmoid(self.box_head(features) + self.box_bias.to(features.dtype))
@@ -197,18 +226,25 @@ class OWLViT(Checkpointable, nn.Module):
 
     # ------------------------------------------------------------------ detection
     def forward(self, images: torch.Tensor, input_ids=None, attention_mask=None, *,
-                query_embeds: torch.Tensor | None = None, query_mask: torch.Tensor | None = None) -> OWLViTOutput:
+                query_embeds: torch.Tensor | None = None, query_mask: torch.Tensor | None = None,
+                fuse: bool = False) -> OWLViTOutput:
         """Detect the text queries in the images.
 
         Queries: token ids (Q, T) shared by every image or (B, Q, T) one set per image (with their
         attention_mask), or ready embeddings `query_embeds` (Q, E) / (B, Q, E) - text or image crops.
         query_mask (B, Q) bool: False marks padding queries, whose logits become the dtype's minimum.
+        fuse=True: the queries are referring expressions; a model with a fusion enhancer (fusion_depth > 0)
+        scores them on query-conditioned patches (needs token ids; plain OWL-ViT ignores the flag).
         Returns OWLViTOutput: logits (B, N, Q) and pred_boxes (B, N, 4) normalised cxcywh.
         """
         features = self.image_features(images)  # (B, N, D)
         B = features.shape[0]
         if input_ids is not None and query_embeds is not None:
             raise ValueError("pass text queries (input_ids) or query_embeds, not both")
+        fuse = bool(fuse) and self.fusion is not None
+        if fuse and input_ids is None:
+            raise ValueError("fuse=True needs text queries (input_ids): the fusion enhancer reads their tokens")
+        tokens = token_mask = None
         if input_ids is not None:
             ids = validate.tensor("input_ids", input_ids, kind="int")
             if ids.dim() not in (2, 3):
@@ -218,8 +254,17 @@ class OWLViT(Checkpointable, nn.Module):
                 if ids.shape[0] != B:
                     raise ValueError(f"input_ids (B, Q, T) has B={ids.shape[0]}, the images B={B}")
                 mask = None if mask is None else rearrange(mask, "b q t -> (b q) t")
-                query_embeds = rearrange(self.embed_text(rearrange(ids, "b q t -> (b q) t"), mask),
-                                         "(b q) e -> b q e", b=B)  # (B, Q, E)
+                flat = rearrange(ids, "b q t -> (b q) t")
+                if fuse:
+                    query_embeds, tokens, token_mask = self.embed_text_tokens(flat, mask)
+                    tokens = rearrange(tokens, "(b q) t d -> b q t d", b=B)  # (B, Q, T, Dt)
+                    token_mask = rearrange(token_mask, "(b q) t -> b q t", b=B)  # (B, Q, T)
+                else:
+                    query_embeds = self.embed_text(flat, mask)
+                query_embeds = rearrange(query_embeds, "(b q) e -> b q e", b=B)  # (B, Q, E)
+            elif fuse:
+                query_embeds, tokens, token_mask = self.embed_text_tokens(ids, mask)  # (Q, E), (Q, T, Dt), (Q, T)
+                tokens, token_mask = tokens.expand(B, -1, -1, -1), token_mask.expand(B, -1, -1)
             else:
                 query_embeds = self.embed_text(ids, mask)  # (Q, E)
         if query_embeds is not None:
@@ -230,7 +275,9 @@ class OWLViT(Checkpointable, nn.Module):
                     query_embeds.shape[-1] != self.config.clip.embed_dim:
                 raise ValueError(f"query_embeds must be (Q, {self.config.clip.embed_dim}) or (B={B}, Q, "
                                  f"{self.config.clip.embed_dim}), got {tuple(query_embeds.shape)}")
-        logits, class_embeds = self.class_head(features, query_embeds)
+        logits, class_embeds = self.class_head(features, None if fuse else query_embeds)
+        if fuse:
+            logits = self.fused_logits(features, query_embeds, tokens, token_mask)  # (B, N, Q)
         if logits is not None and query_mask is not None:
             query_mask = validate.tensor("query_mask", query_mask, shape=(B, logits.shape[-1]))
             logits = logits.masked_fill(~query_mask.bool()[:, None, :], torch.finfo(logits.dtype).min)
@@ -240,16 +287,27 @@ class OWLViT(Checkpointable, nn.Module):
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """Set loss on batch{image, input_ids (U, T), attention_mask, query_index (B, Q), target_boxes
-        (B, G, 4) normalised cxcywh, target_mask (B, G), target_labels (B, G, Q)}: see `minivl.grounding.loss`."""
+        (B, G, 4) normalised cxcywh, target_mask (B, G), target_labels (B, G, Q), optional query_fused (Q,)
+        bool: the referring columns, scored through the fusion enhancer}: see `minivl.grounding.loss`."""
         from minivl.grounding.loss import set_loss
         for key in ("image", "input_ids", "query_index", "target_boxes", "target_mask", "target_labels"):
             if key not in batch:
                 raise ValueError(f"OWLViT.loss needs batch[{key!r}], got keys {sorted(batch)}")
         features = self.image_features(batch["image"])  # (B, N, D)
-        texts = self.embed_text(batch["input_ids"], batch.get("attention_mask"))  # (U, E): each phrase once
+        fused = batch.get("query_fused")  # (Q,) bool: the referring columns, read by the fusion enhancer
+        fuse = self.fusion is not None and fused is not None and bool(fused.any())
+        if fuse:  # the enhancer reads the text tokens too
+            texts, tokens, token_mask = self.embed_text_tokens(batch["input_ids"], batch.get("attention_mask"))
+        else:
+            texts = self.embed_text(batch["input_ids"], batch.get("attention_mask"))  # (U, E): each phrase once
         index = batch["query_index"]  # (B, Q), -1 = padding
         queries = texts[index.clamp_min(0)]  # (B, Q, E)
         logits, _ = self.class_head(features, queries)  # (B, N, Q)
+        if fuse:
+            cols = fused.nonzero()[:, 0].to(logits.device)  # (F,)
+            sub = index[:, cols].clamp_min(0)  # (B, F)
+            fused_logits = self.fused_logits(features, queries[:, cols], tokens[sub], token_mask[sub])  # (B, N, F)
+            logits = logits.index_copy(2, cols, fused_logits)
         return set_loss(logits, self.boxes(features), index >= 0, batch["target_boxes"], batch["target_mask"],
                         batch["target_labels"], self.config)
 

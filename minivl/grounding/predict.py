@@ -169,12 +169,13 @@ def annotate(image, boxes, logits, phrases, scale: int = 4) -> np.ndarray:
 def ground(model, image, expression: str):
     """The one box a referring expression names: -> (box, score) with box **absolute xyxy** pixels
     (4,) of the patch scoring highest for the whole expression, score its sigmoid. For a list of
-    images, a list of (box, score)."""
+    images, a list of (box, score). A model with a fusion enhancer (`OWLViTConfig.fusion_depth`) scores
+    the expression on query-conditioned patches (Grounding DINO's early fusion)."""
     if not isinstance(expression, str) or not expression.strip():
         raise ValueError(f"expression must be a non-empty str like 'the object left of the red circle', "
                          f"got {expression!r}")
     images, single = as_images(model, image)
-    out = model(images, **model.tokenize([" ".join(expression.split())]))
+    out = model(images, **model.tokenize([" ".join(expression.split())]), fuse=True)  # the enhancer, if any
     S = model.config.clip.vision.image_size
     res = []
     for logit, boxes in zip(out.logits[..., 0], out.pred_boxes):  # (N,), (N, 4)

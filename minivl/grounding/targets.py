@@ -96,7 +96,8 @@ def make_batch(world, scenes: list, tokenizer, context_length: int, rng: np.rand
 
     input_ids/attention_mask (U, T): every distinct query text of the batch, tokenised once (as
     `query_text` writes it: "a circle");
-    query_index (B, Q): which of them image b is asked (-1 = padding); target_boxes (B, G, 4)
+    query_index (B, Q): which of them image b is asked (-1 = padding); query_fused (Q,) bool: the
+    referring columns (the ones a fusion enhancer reads, `OWLViTConfig.fusion_depth`); target_boxes (B, G, 4)
     normalised cxcywh, target_mask (B, G), target_labels (B, G, Q) multi-hot over the image's queries.
     """
     rng = rng if rng is not None else np.random.default_rng(0)
@@ -113,18 +114,22 @@ def make_batch(world, scenes: list, tokenizer, context_length: int, rng: np.rand
     boxes, mask = torch.zeros(B, G, 4), torch.zeros(B, G, dtype=torch.bool)
     labels = torch.zeros(B, G, Q)
     index[:, :V] = torch.arange(V)
+    counts = [len(s.objects) for s in scenes]
+    all_boxes = boxes_to_targets([o.box for s in scenes for o in s.objects], S).split(counts)  # one checked call
     for b, (scene, rs) in enumerate(zip(scenes, refs)):
-        n = len(scene.objects)
-        boxes[b, :n] = boxes_to_targets([o.box for o in scene.objects], S)
+        n = counts[b]
+        boxes[b, :n] = all_boxes[b]
         mask[b, :n] = True
-        for g, o in enumerate(scene.objects):
-            labels[b, g, :V] = torch.tensor([matches(o, p) for p in parsed], dtype=torch.float32)
+        if n:
+            labels[b, :n, :V] = torch.tensor([[matches(o, p) for p in parsed] for o in scene.objects],
+                                             dtype=torch.float32)
         for j, r in enumerate(rs):
             index[b, V + j] = slot[r.text]
             labels[b, r.index, V + j] = 1.0  # a referring expression names exactly one object
     tok = tokenizer([query_text(t) for t in texts], context_length=context_length, truncate=True, padding="longest")
     return {"image": image_to_tensor(np.stack([s.image for s in scenes])), "input_ids": tok["input_ids"],
-            "attention_mask": tok["attention_mask"], "query_index": index, "target_boxes": boxes,
+            "attention_mask": tok["attention_mask"], "query_index": index,
+            "query_fused": torch.arange(Q) >= V, "target_boxes": boxes,
             "target_mask": mask, "target_labels": labels}
 
 

@@ -111,10 +111,15 @@ def generalized_box_iou(boxes_a, boxes_b) -> torch.Tensor:
     Differentiable; use 1 - GIoU as a box-regression loss (DETR, OWL-ViT).
     """
     a, b = _pair(boxes_a, boxes_b)
-    a, b = a[:, None, :], b[None, :, :]  # (N, 1, 4), (1, M, 4)
-    iou, union = _iou_union(a, b)  # (N, M)
+    return giou_broadcast(a[:, None, :], b[None, :, :])  # (N, M)
+
+
+def giou_broadcast(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """GIoU of xyxy boxes a (..., 4) and b (..., 4), broadcast against each other, *unchecked*: for a
+    hot path whose boxes are valid by construction (a matcher's every step). Checked pairwise: above."""
+    iou, union = _iou_union(a, b)  # (...)
     enclose = _area(torch.cat([torch.minimum(a[..., :2], b[..., :2]),
-                                  torch.maximum(a[..., 2:], b[..., 2:])], dim=-1))  # (N, M)
+                                  torch.maximum(a[..., 2:], b[..., 2:])], dim=-1))  # (...)
     return iou - _safe_divide(enclose - union, enclose)
 
 
