@@ -339,3 +339,41 @@ def test_question_only_baseline_answers_from_the_language_prior():
              {"questions": ["is there a cat?"], "answers": [["yes"]], "types": ["exists"]}]
     test = [{"questions": ["is there a cat?", "how many dogs?"], "answers": [["no"], ["2"]], "types": ["exists", "count"]}]
     assert question_only_predictions(train, test) == [["yes", "2"]]
+
+
+# ---------------------------------------------------------------------------- region supervision (option)
+def test_patch_labels_follow_the_boxes():
+    from minivl.vqa import patch_labels
+    from minivl.world import SIZES, Obj
+    att = {"color": ("red", "blue"), "shape": ("circle", "square"), "size": SIZES}
+    objs = [Obj("square", "blue", "large", (0, 0, 16, 16)), Obj("circle", "red", "small", (20, 16, 30, 26))]
+    lab = patch_labels(objs, 32, 4, att).reshape(4, 4, 3)  # 8-px patches
+    assert lab[0, 0].tolist() == lab[1, 1].tolist() == [1, 1, 1]  # fully inside the blue large square
+    assert lab[3, 0].tolist() == [2, 2, 2]  # no box touches it: "none" = the last class
+    assert lab[2, 2].tolist() == [0, 0, 0]  # 4 of 8 columns x all 8 rows = 50% red circle
+    assert lab[3, 3].tolist() == [-100] * 3  # 6 x 2 / 64 = 19%: grazed, ignored
+    assert patch_labels([], 32, 4, att).tolist() == [[2, 2, 2]] * 16
+
+
+def test_region_loss_is_off_by_default_and_adds_a_term_when_on(world, tok):
+    from minivl.recipes.vqa import make_batches
+    off = tiny(answers=world.answers)
+    on = tiny(answers=world.answers, patch_classes=(len(world.config.colors) + 1, len(world.config.shapes) + 1, 3),
+              patch_loss=0.5)
+    assert off.patch_head is None
+    for a, b in zip(off.state_dict().items(), on.state_dict().items()):  # the option off = the same weights
+        assert a[0] == b[0] and torch.equal(a[1], b[1])
+    batch = make_batches(world, Packer(tok, off.config.label2id, off.config.context_length), 2, region_grid=4)(0)
+    assert batch["patch_labels"].shape == (2, 16, 3)
+    loss_off, logs_off = off.loss(batch)
+    loss_on, logs_on = on.loss(batch)
+    assert "patch_loss" not in logs_off and logs_on["patch_loss"] > 0
+    assert torch.allclose(loss_on, logs_on["vqa_loss"] + 0.5 * logs_on["patch_loss"])
+    assert torch.allclose(logs_on["vqa_loss"], logs_off["vqa_loss"])  # the head reads, never changes, the tokens
+    loss_on.backward()
+    assert on.patch_head.weight.grad.abs().sum() > 0 and on.transformer.blocks[0].attn.q_proj.weight.grad is not None
+    with pytest.raises(ValueError, match="patch_labels must be"):
+        on.loss({**batch, "patch_labels": batch["patch_labels"][:, :3]})
+    with pytest.raises(ValueError, match="patch_classes"):
+        ViltConfig.preset("tiny", answers=ANSWERS, patch_classes=(1,))
+    assert "patch_labels" not in make_batches(world, Packer(tok, off.config.label2id, 24), 2)(0)
