@@ -299,3 +299,39 @@ def test_lm_position_embeddings_grow_keeping_the_trained_ones():
     assert lm(torch.zeros(1, 50, dtype=torch.long)).shape == (1, 50, 300)
     with pytest.raises(ValueError):
         lm.resize_position_embeddings(0)
+
+
+def test_projector_norm_option_normalises_features_first():
+    torch.manual_seed(0)
+    p = mllm.Projector(6, 4, depth=2, norm=True)
+    x = 10 * torch.randn(2, 3, 6) + 5
+    manual = p.layers[1](torch.nn.functional.gelu(p.layers[0](torch.nn.functional.layer_norm(x, (6,)))))
+    assert torch.allclose(p(x), manual, atol=1e-6)
+    assert mllm.Projector(6, 4).norm is None  # the default is LLaVA-1.5's: no norm
+    cfg = mllm.MLLMConfig.preset("tiny", projector_norm=True)
+    assert mllm.LlavaModel(cfg).projector.norm is not None
+    with pytest.raises(TypeError):
+        mllm.MLLMConfig.preset("tiny", projector_norm="yes")
+    from minivl.mllm.convert import hf_config_from
+    with pytest.raises(ValueError, match="no norm"):
+        hf_config_from(cfg)
+
+
+def test_stage1_train_option_unfreezes_lm_parts(world, tmp_path):
+    import dataclasses
+
+    from minivl.data import world_tokenizer
+    from minivl.recipes import mllm as recipe
+    kw = dict(seed=0, progress=False, bf16=False, device="cpu", run_dir=tmp_path, resume=False, force=True)
+    for train, moved in ((("lm",), {"lm.transformer", "lm.token_embedding", "lm.pos_embed"}),
+                         (("lm.pos_embed",), {"lm.pos_embed"})):
+        r = dataclasses.replace(recipe.RECIPES["tiny"], stage1_train=train, vision_layer=-1)
+        model = recipe.build(r, world_tokenizer())
+        assert model.config.vision_layer == -1  # the recipe's override reaches the model config
+        processor = mllm.LlavaProcessor.from_model(model)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        recipe._fit_stage(model, world_batches(world, processor, 2, 1), r, 1, 2, **kw)
+        changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+        lm_parts = {".".join(k.split(".")[:2]) for k in changed if k.startswith("lm.")}
+        assert moved <= lm_parts and (train == ("lm",) or lm_parts == moved), (train, lm_parts)
+        assert any(k.startswith("projector") for k in changed) and not any(k.startswith("vision") for k in changed)

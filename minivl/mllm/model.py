@@ -57,6 +57,9 @@ class MLLMConfig:
     pixel_shuffle: int = 1  # fold r x r patches into one token (nanoVLM): r**2 x fewer image tokens
     projector_hidden: int | None = None  # hidden width of the projector; None = the LM width (LLaVA)
     projector_depth: int = 2  # linear layers in the projector, GELU between (LLaVA-1.5's "mlp2x_gelu")
+    # a LayerNorm on the (pixel-shuffled) patch features before the first linear layer, as Qwen2-VL's patch
+    # merger: the frozen tower's residual stream is not normalised; False = LLaVA-1.5 (no norm)
+    projector_norm: bool = False
     image_token_id: int = _IDS["<|image|>"]  # the id the processor writes once per image token
     freeze_vision: bool = True  # LLaVA never trains CLIP: features run without gradients
 
@@ -75,6 +78,7 @@ class MLLMConfig:
             validate.positive_int("MLLMConfig.projector_hidden", self.projector_hidden)
         validate.vocab_id("MLLMConfig.image_token_id", self.image_token_id, self.lm.vocab_size, optional=False)
         validate.boolean("MLLMConfig.freeze_vision", self.freeze_vision)
+        validate.boolean("MLLMConfig.projector_norm", self.projector_norm)
         if self.vision.grid % self.pixel_shuffle:
             raise ValueError(f"pixel_shuffle={self.pixel_shuffle} must divide the patch grid {self.vision.grid}")
 
@@ -106,15 +110,18 @@ def pixel_shuffle(x: torch.Tensor, r: int) -> torch.Tensor:
 
 
 class Projector(nn.Module):
-    """Patch features (B, N, Dv) -> LM input vectors (B, N, D): Linear, then (GELU, Linear) x (depth - 1)."""
+    """Patch features (B, N, Dv) -> LM input vectors (B, N, D): [LayerNorm,] Linear, then (GELU, Linear) x (depth - 1)."""
 
-    def __init__(self, in_dim: int, out_dim: int, hidden: int | None = None, depth: int = 2) -> None:
+    def __init__(self, in_dim: int, out_dim: int, hidden: int | None = None, depth: int = 2, norm: bool = False) -> None:
         super().__init__()
         hidden = hidden or out_dim
         dims = [in_dim] + [hidden] * (depth - 1) + [out_dim]
+        self.norm = nn.LayerNorm(in_dim) if norm else None
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm is not None:
+            x = self.norm(x)
         for i, layer in enumerate(self.layers):
             x = layer(F.gelu(x) if i else x)
         return x
@@ -130,7 +137,7 @@ class LlavaModel(Checkpointable, nn.Module):
         self.config = c = config
         self.vision = VisionTransformer(c.vision)
         self.projector = Projector(c.vision.width * c.pixel_shuffle**2, c.lm.width, c.projector_hidden,
-                                   c.projector_depth)
+                                   c.projector_depth, c.projector_norm)
         self.lm = CausalLM(c.lm)
         if c.freeze_vision:
             self.vision.requires_grad_(False)
