@@ -113,6 +113,11 @@ LEVER_LOG = [
 ]
 
 
+def region_attributes(world: World) -> dict:
+    """What region supervision asks of each patch: {attribute: its classes} (each + "none" in the head)."""
+    return {"color": world.config.colors, "shape": world.config.shapes, "size": SIZES}
+
+
 def make_batches(world: World, packer: Packer, batch_size: int, single_object=(0.5, 0.0), seed: int = 0,
                  steps: int | None = None, objects_ramp: float = 0.0, questions_per_scene: int = 0,
                  region_grid: int = 0):
@@ -126,7 +131,7 @@ def make_batches(world: World, packer: Packer, batch_size: int, single_object=(0
     region_grid > 0 adds patch_labels (B or M, grid^2, 3): colour, shape, size under each patch."""
     start, end = single_object
     most = world.config.max_objects
-    attributes = {"color": world.config.colors, "shape": world.config.shapes, "size": SIZES}
+    attributes = region_attributes(world)
 
     def objects(step: int, rng) -> int | None:
         if objects_ramp > 0:
@@ -272,8 +277,7 @@ def run(preset: str = "cpu", steps: int | None = None, device=None, out=None, se
     else:
         answers = tuple(world.answers)
     regions = {} if own or not recipe.patch_loss else dict(  # colour, shape, size, each + "none"
-        patch_classes=(len(world.config.colors) + 1, len(world.config.shapes) + 1, len(SIZES) + 1),
-        patch_loss=recipe.patch_loss)
+        patch_classes=tuple(len(c) + 1 for c in region_attributes(world).values()), patch_loss=recipe.patch_loss)
     config = ViltConfig.preset(preset, answers=answers, pad_id=tokenizer.pad_id, **regions)
     clip_model, clip_name = _load_clip(recipe.clip_init) if config.stem == "vit" else (None, None)
     config, vision_weights = init_from_clip(config, clip_model)

@@ -446,7 +446,7 @@ class ViltForQuestionAnswering(Checkpointable, nn.Module):
                              f"got {tuple(getattr(patch_labels, 'shape', ()))}")
         logits = self.patch_head(tokens[:, -N:]).float()  # (B, N, sum(classes))
         total = logits.new_zeros(())
-        for part, k in zip(logits.split(list(self.config.patch_classes), -1), range(K)):
+        for k, part in enumerate(logits.split(list(c.patch_classes), -1)):
             total = total + F.cross_entropy(part.flatten(0, 1), patch_labels[..., k].flatten().long(),
                                             ignore_index=-100)
         return total
