@@ -31,21 +31,8 @@ from minivl.captioner import data as own_data
 from minivl.captioner import eval as ev
 from minivl.checkpoint import checkpoints_dir
 from minivl.data import collate, image_to_tensor, world_tokenizer
-from minivl.recipes import (
-    Recipe,
-    choose,
-    folders,
-    resume_point,
-    run_cli,
-    run_record,
-    step_rng,
-    stream_indices,
-    timed_fit,
-    timing_text,
-    tokenize_batch,
-    train_config,
-    write_metrics,
-)
+from minivl.recipes import (Recipe, choose, folders, resume_point, run_cli, run_record, step_rng, stream_indices, timed_fit,
+                            timing_text, tokenize_batch, train_config, write_metrics)
 from minivl.resume import checkpoint_progress
 from minivl.train import Trainer
 from minivl.world import World
