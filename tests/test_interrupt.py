@@ -13,11 +13,11 @@ import signal
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import assert_same_weights, cfg, get_batch, losses, model
 
 from minivl.__main__ import main
 from minivl.checkpoint import checkpoints_dir, load_model, load_state
 from minivl.train import Trainer, checkpoint_progress
+from tests.test_train import assert_same_weights, cfg, get_batch, losses, model  # the tiny trainable model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest)
