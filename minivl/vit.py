@@ -110,6 +110,18 @@ def check_images(images, image_size: int, dtype: torch.dtype | None = None) -> t
     return images if dtype is None else images.to(dtype)
 
 
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """(grid*grid, dim) fixed 2-D sine-cosine positions (MAE): an init that already says where a
+    patch is, so "left"/"top" are linear read-outs from the first step instead of learned from noise."""
+    q = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(q) / max(1, q))
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                            indexing="ij")
+    parts = [f(c.flatten()[:, None] * omega) for c in (xs, ys) for f in (torch.sin, torch.cos)]
+    out = torch.cat(parts, 1)  # (grid*grid, 4q)
+    return F.pad(out, (0, dim - out.shape[1]))
+
+
 class VisionTransformer(Checkpointable, nn.Module):
     """Image (B, 3, H, W) -> tokens (B, 1 + N, D)."""
 

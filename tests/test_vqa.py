@@ -87,6 +87,37 @@ def test_packed_equals_one_question_at_a_time(world, tok):
         assert torch.allclose(logits[b, :len(s["questions"])], single, atol=1e-5)
 
 
+def test_position_every_layer_adds_the_positions_before_each_later_block(world, tok):
+    m = tiny(answers=world.answers, image_attends_text=False, position_every_layer=True)
+    scenes, batch = packed_batch(world, tok, m)  # packing still gives what one question at a time gives
+    logits = m.forward_packed(*(batch[k] for k in ("pixel_values", "input_ids", "attention_mask", "question_index",
+                                                   "position_ids", "question_starts")))
+    enc = tok(scenes[0]["questions"], padding="longest")
+    single = m(enc["input_ids"], batch["pixel_values"][[0] * len(scenes[0]["questions"])], enc["attention_mask"])
+    assert torch.allclose(logits[0, :len(scenes[0]["questions"])], single.logits, atol=1e-5)
+    plain = tiny(answers=world.answers, image_attends_text=False)  # same seed, same weights: only the re-adding differs
+    other = plain(enc["input_ids"], batch["pixel_values"][[0] * len(scenes[0]["questions"])], enc["attention_mask"])
+    assert not torch.allclose(single.tokens, other.tokens, atol=1e-3)
+    for attends in (True, False):  # non-square images use their own grid of positions
+        w = tiny(position_every_layer=True, image_attends_text=attends)
+        out = w(torch.randint(0, 500, (2, 5)), torch.zeros(2, 3, 32, 48))
+        assert out.tokens.shape[1] == 5 + 1 + 4 * 6 and torch.isfinite(out.logits).all()
+    with pytest.raises(TypeError, match="position_every_layer"):
+        tiny(position_every_layer=1)
+    pytest.importorskip("transformers")
+    from minivl.vqa.convert import hf_config_from
+    with pytest.raises(ValueError, match="position_every_layer"):  # transformers' ViLT adds them once
+        hf_config_from(ViltConfig.preset("tiny", answers=ANSWERS, image_attends_text=True, position_every_layer=True))
+
+
+def test_position_scale_sets_the_start_of_the_patch_positions():
+    from minivl.vit import sincos_2d
+    a, b = tiny(position_scale=0.1), tiny(position_scale=1.0)
+    assert torch.allclose(b.image_pos[1:], 10 * a.image_pos[1:]) and torch.allclose(b.image_pos[1:], sincos_2d(4, 32))
+    with pytest.raises(ValueError, match="position_scale"):
+        tiny(position_scale=-0.5)
+
+
 @pytest.mark.parametrize("attends", [True, False])
 def test_padding_does_not_change_the_answer(tok, attends):
     m = tiny(image_attends_text=attends)

@@ -56,7 +56,8 @@ def main(args) -> int:
     preset = "gpu" if device.type == "cuda" else "cpu"
     from minivl.world import World
     answers = tuple(World().answers)
-    config = ViltConfig.preset(preset, answers=answers, stem="linear", vision=None, image_attends_text=True)
+    config = ViltConfig.preset(preset, answers=answers, stem="linear", vision=None, image_attends_text=True,
+                               position_every_layer=False)  # transformers' ViLT adds the positions once
     flat, packed, Q, pad = _inputs(config, SCENES.get(device.type, 8), device)
     packed_config = ViltConfig.preset(preset, answers=answers, stem="linear", vision=None, image_attends_text=False, pad_id=pad)
     iters = getattr(args, "steps", None) or 10

@@ -68,6 +68,9 @@ def hf_config_from(config: ViltConfig):
     if config.stem != "linear" or not config.image_attends_text:
         raise ValueError("transformers' ViLT has a linear patch stem and full attention: need stem='linear', "
                          "image_attends_text=True")
+    if config.position_every_layer or config.patch_classes:
+        raise ValueError("transformers' ViLT adds the image positions once and has no region head: need "
+                         "position_every_layer=False and patch_classes=()")
     return HFViltConfig(vocab_size=config.vocab_size, hidden_size=config.width, num_hidden_layers=config.depth,
                         num_attention_heads=config.heads, intermediate_size=int(config.width * config.mlp_ratio),
                         hidden_act="gelu", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
