@@ -375,9 +375,24 @@ def test_referring_eval_asks_each_scene_its_own_expressions(world, tokenizer):
     assert box.shape == (4,)
 
 
+def test_class_positions_reach_the_class_head_not_the_boxes():
+    from minivl.vit import sincos_2d
+    plain, where = tiny(), tiny(class_positions=True)
+    where.load_state_dict({**plain.state_dict(), "class_pos": where.class_pos.detach()})
+    img = torch.rand(2, 3, 32, 32) * 2 - 1
+    ids = torch.randint(0, 500, (3, 6))
+    a, b = plain(img, ids), where(img, ids)
+    assert torch.equal(a.pred_boxes, b.pred_boxes) and not torch.allclose(a.logits, b.logits)
+    feats = plain.image_features(img)
+    assert torch.allclose(b.class_embeds, plain.class_head.dense0(feats + sincos_2d(plain.config.grid, feats.shape[-1])),
+                          atol=1e-6)
+    with pytest.raises(TypeError, match="class_positions"):
+        tiny(class_positions=1)
+
+
 def test_recipe_head_lr_scale_reaches_the_heads_only():
     from minivl.recipes.grounding import HEADS, GroundingRecipe
-    model = tiny(fusion_depth=1)
+    model = tiny(fusion_depth=1, class_positions=True)
     names = [n for n, _ in model.named_parameters()]
     assert all(any(n.startswith(h) for n in names) for h in HEADS)  # every prefix names real parameters
     assert not any(n.startswith(h) for n in names if n.startswith("clip.") for h in HEADS)
