@@ -218,19 +218,28 @@ class CausalLM(Checkpointable, nn.Module):
         return memory.to(self.token_embedding.weight.dtype), memory_mask
 
     @torch.no_grad()
-    def resize_position_embeddings(self, context_length: int) -> "CausalLM":
+    def resize_position_embeddings(self, context_length: int, init: str = "copy") -> "CausalLM":
         """Grow (or cut) the learned positions to `context_length`, in place; updates the config.
 
-        The positions the model was trained on keep their vectors; each new one starts as a copy of
-        the last trained position plus small noise (a prefix of image tokens pushes the text past
-        the contexts a caption LM saw, and that nearest vector is a better start than zeros)."""
+        The positions the model was trained on keep their vectors. New ones (a prefix of image tokens
+        pushes the text past the contexts a caption LM saw) start, with init="copy", as the last trained
+        position plus 0.01 noise: the nearest vector the LM knows, though every new position then looks
+        almost the same. init="spread" draws them around the trained positions' mean with their
+        per-dimension spread, as far apart as trained neighbours. Measured on the MLLM's cpu recipe
+        (150 + 250 steps, 150 test scenes): answers 44.0% with "copy", 39.7% with "spread"."""
         n = validate.positive_int("context_length", context_length)
+        if init not in ("spread", "copy"):
+            raise ValueError(f"init must be 'spread' or 'copy', got {init!r}")
         old = self.pos_embed.data
         new = old[:n].clone()
-        if n > old.shape[0]:
-            extra = old[-1:].expand(n - old.shape[0], -1) + 0.01 * torch.randn(n - old.shape[0], old.shape[1],
-                                                                               device=old.device, dtype=old.dtype)
-            new = torch.cat([new, extra], 0)  # (n, D)
+        extra = n - old.shape[0]
+        if extra > 0:
+            noise = torch.randn(extra, old.shape[1], device=old.device, dtype=old.dtype)
+            if init == "copy" or old.shape[0] < 2:
+                rows = old[-1:] + 0.01 * noise
+            else:
+                rows = old.mean(0, keepdim=True) + old.std(0, keepdim=True) * noise
+            new = torch.cat([new, rows], 0)  # (n, D)
         self.pos_embed = nn.Parameter(new)
         self.config.context_length = n
         return self

@@ -291,14 +291,25 @@ def test_stage1_trains_projector_alone_stage2_adds_the_lm(world, tmp_path):
 
 def test_lm_position_embeddings_grow_keeping_the_trained_ones():
     from minivl.lm import CausalLM, LMConfig
-    lm = CausalLM(LMConfig.preset("tiny"))
+    lm, copy = CausalLM(LMConfig.preset("tiny")), CausalLM(LMConfig.preset("tiny"))
+    with torch.no_grad():  # trained-like positions: far apart next to the 0.01 noise of "copy"
+        lm.pos_embed.normal_(std=0.1)
+        copy.pos_embed.copy_(lm.pos_embed)
     old = lm.pos_embed.detach().clone()
-    lm.resize_position_embeddings(50)
+    lm.resize_position_embeddings(50, init="spread")
     assert lm.config.context_length == 50 and lm.pos_embed.shape == (50, old.shape[1])
     assert torch.equal(lm.pos_embed[:32], old)
     assert lm(torch.zeros(1, 50, dtype=torch.long)).shape == (1, 50, 300)
+    new = lm.pos_embed[32:].detach()  # "spread": as far apart as the trained ones, not copies of the last
+    step = (old[1:] - old[:-1]).norm(dim=-1).mean()
+    assert (new[1:] - new[:-1]).norm(dim=-1).mean() > 0.5 * step
+    copy.resize_position_embeddings(50)  # the default
+    assert (copy.pos_embed[33:] - copy.pos_embed[32:-1]).norm(dim=-1).max() < 0.2 * step
+    assert lm.resize_position_embeddings(20).pos_embed.shape[0] == 20 and torch.equal(lm.pos_embed, old[:20])
     with pytest.raises(ValueError):
         lm.resize_position_embeddings(0)
+    with pytest.raises(ValueError, match="init"):
+        lm.resize_position_embeddings(60, init="zeros")
 
 
 def test_projector_norm_option_normalises_features_first():
