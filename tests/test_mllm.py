@@ -312,6 +312,27 @@ def test_lm_position_embeddings_grow_keeping_the_trained_ones():
         lm.resize_position_embeddings(60, init="zeros")
 
 
+def test_image_positions_add_a_table_to_the_image_tokens_only():
+    from minivl.mllm import LlavaModel, MLLMConfig
+    from minivl.vit import sincos_2d
+    torch.manual_seed(0)
+    plain = LlavaModel(MLLMConfig.preset("tiny"))
+    torch.manual_seed(0)
+    where = LlavaModel(MLLMConfig.preset("tiny", image_positions=0.5))
+    px = torch.rand(2, 3, 32, 32) * 2 - 1
+    g = where.config.vision.grid // where.config.pixel_shuffle
+    assert torch.allclose(where.image_pos, 0.5 * sincos_2d(g, where.config.lm.width))
+    assert torch.allclose(where.get_image_features(px) - plain.get_image_features(px), where.image_pos.expand(2, -1, -1),
+                          atol=1e-6)
+    assert plain.image_pos is None
+    with pytest.raises(ValueError, match="image_positions"):
+        MLLMConfig.preset("tiny", image_positions=-1.0)
+    pytest.importorskip("transformers")
+    from minivl.mllm.convert import hf_config_from
+    with pytest.raises(ValueError, match="image position"):  # transformers' LLaVA has none
+        hf_config_from(where.config)
+
+
 def test_projector_norm_option_normalises_features_first():
     torch.manual_seed(0)
     p = mllm.Projector(6, 4, depth=2, norm=True)

@@ -34,9 +34,10 @@ _GPT2_LAYER = {"ln_1": "ln_1", "ln_2": "ln_2", "attn.c_proj": "attn.out_proj", "
 def hf_config_from(config: MLLMConfig, **kwargs):
     """The `transformers.LlavaConfig` (CLIP vision + GPT-2 text) of the same network as `config`."""
     from transformers import CLIPVisionConfig, GPT2Config, LlavaConfig
-    if (config.pixel_shuffle != 1 or config.projector_depth != 2 or config.projector_norm
+    if (config.pixel_shuffle != 1 or config.projector_depth != 2 or config.projector_norm or config.image_positions
             or config.projector_hidden not in (None, config.lm.width)):
-        raise ValueError("transformers' LLaVA has a 2-layer projector of the LM's width, no norm and no pixel shuffle; "
+        raise ValueError("transformers' LLaVA has a 2-layer projector of the LM's width, no norm, no pixel shuffle and "
+                         "no image position table (image_positions=0); "
                          f"this config has pixel_shuffle={config.pixel_shuffle}, projector_depth={config.projector_depth}, "
                          f"projector_norm={config.projector_norm}, projector_hidden={config.projector_hidden}")
     v, t = config.vision, config.lm

@@ -29,7 +29,7 @@ from torch import nn
 from minivl import generation, validate
 from minivl.checkpoint import Checkpointable
 from minivl.lm import CausalLM, LMConfig
-from minivl.vit import ViTConfig, VisionTransformer
+from minivl.vit import ViTConfig, VisionTransformer, sincos_2d
 
 WORLD_VOCAB = 512  # the Shapes World BPE every preset reads (minivl.data.world_tokenizer())
 _SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|image|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -62,6 +62,11 @@ class MLLMConfig:
     projector_norm: bool = False
     image_token_id: int = _IDS["<|image|>"]  # the id the processor writes once per image token
     freeze_vision: bool = True  # LLaVA never trains CLIP: features run without gradients
+    # > 0: a learned position table for the image tokens, starting as this x 2-D sin-cos, added to the projector's
+    # output (the LM's own positions, norm ~0.3, are faint next to image tokens of norm ~10); 0 = LLaVA (none).
+    # Screened short (150 + 250 cpu steps, 150 test scenes): 40.3% answers at 1.0, 39.6% at 0.5, 44.0% without;
+    # position answers stayed at 50%. In VQA the same lever looked like that at 500 steps and paid at 2,000
+    image_positions: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.vision, dict):
@@ -79,6 +84,7 @@ class MLLMConfig:
         validate.vocab_id("MLLMConfig.image_token_id", self.image_token_id, self.lm.vocab_size, optional=False)
         validate.boolean("MLLMConfig.freeze_vision", self.freeze_vision)
         validate.boolean("MLLMConfig.projector_norm", self.projector_norm)
+        self.image_positions = validate.real("MLLMConfig.image_positions", self.image_positions, 0.0)
         if self.vision.grid % self.pixel_shuffle:
             raise ValueError(f"pixel_shuffle={self.pixel_shuffle} must divide the patch grid {self.vision.grid}")
 
@@ -139,6 +145,8 @@ class LlavaModel(Checkpointable, nn.Module):
         self.projector = Projector(c.vision.width * c.pixel_shuffle**2, c.lm.width, c.projector_hidden,
                                    c.projector_depth, c.projector_norm)
         self.lm = CausalLM(c.lm)
+        g = c.vision.grid // c.pixel_shuffle
+        self.image_pos = nn.Parameter(c.image_positions * sincos_2d(g, c.lm.width)) if c.image_positions else None
         if c.freeze_vision:
             self.vision.requires_grad_(False)
         self.tokenizer = None  # set by load() to the tokenizer saved with the checkpoint
@@ -156,7 +164,8 @@ class LlavaModel(Checkpointable, nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not c.freeze_vision):
             hidden = self.vision.hidden_state(pixel_values, c.vision_layer)  # (n, 1 + N, Dv)
         patches = hidden[:, 1:]  # (n, N, Dv): the class token is CLIP's summary, not a place in the image
-        return self.projector(pixel_shuffle(patches, c.pixel_shuffle))  # (n, N / r², D)
+        tokens = self.projector(pixel_shuffle(patches, c.pixel_shuffle))  # (n, N / r², D)
+        return tokens if self.image_pos is None else tokens + self.image_pos.to(tokens.dtype)
 
     def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings (B, T, D) with every image token's row replaced by an image feature,

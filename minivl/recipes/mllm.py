@@ -56,6 +56,7 @@ class MLLMRecipe(Recipe):
     pixel_shuffle: int | None = None  # override of the model preset's (1 = every patch a token)
     projector_depth: int | None = None  # override of the model preset's (2 = LLaVA-1.5)
     projector_norm: bool | None = None  # override of the model preset's (MLLMConfig.projector_norm)
+    image_positions: float | None = None  # override of the model preset's (MLLMConfig.image_positions)
     vision_layer: int | None = None  # override of the model preset's (-2 = penultimate, LLaVA-1.5)
     parts: str | None = "cpu"  # CLIP / LM checkpoints to start from (clip-<parts>, lm-<parts>); None = scratch
     eval_test: int = 1000  # test scenes asked one question of every type after both stages
@@ -87,7 +88,8 @@ STAGES = ("1", "2", "both")
 
 def build(recipe: MLLMRecipe, tokenizer) -> LlavaModel:
     """The model of a recipe, its tower and LM filled from the CLIP / LM checkpoints when present."""
-    overrides = {k: getattr(recipe, k) for k in ("pixel_shuffle", "projector_depth", "projector_norm", "vision_layer")
+    overrides = {k: getattr(recipe, k) for k in ("pixel_shuffle", "projector_depth", "projector_norm", "vision_layer",
+                                                "image_positions")
                  if getattr(recipe, k) is not None}
     parts = {}
     if recipe.parts is not None:
