@@ -342,11 +342,10 @@ class ViltForQuestionAnswering(Checkpointable, nn.Module):
 
     # ---------------------------------------------------------------- the single stream
     def _encode(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor, *,
-                need_weights: bool = False, text_groups: torch.Tensor | None = None,
-                grid: tuple[int, int] | None = None):
+                grid: tuple[int, int], need_weights: bool = False, text_groups: torch.Tensor | None = None):
         """text (B, T, D) + image (B, 1 + N, D) through the one transformer -> (tokens, attentions).
 
-        grid (gh, gw) is the image's patch grid (N = gh * gw; default square), for position_every_layer.
+        grid (gh, gw) is the image's token grid (N = gh * gw, `token_grid`), for position_every_layer.
 
         text_groups (B, T) puts each text token in a question (packing): a token then sees only its own
         question's tokens and the image. Image tokens see the image only unless image_attends_text."""
@@ -370,8 +369,7 @@ class ViltForQuestionAnswering(Checkpointable, nn.Module):
             mask = mask & ~(is_image[None, :, None] & ~is_image[None, None, :])  # ...and the image reads only itself
             mask = rearrange(mask, "b t s -> b 1 t s")
         if reinject:
-            gh, gw = grid or (math.isqrt(S - T - 1),) * 2
-            pos = F.pad(self.image_positions(gh, gw), (0, 0, T, 0))  # (S, D): zeros on the text rows
+            pos = F.pad(self.image_positions(*grid), (0, 0, T, 0))  # (S, D): zeros on the text rows
         attentions = [] if need_weights else None
         for i, block in enumerate(self.transformer.blocks):
             if reinject and i > 0:  # the input already carries them once (embed_image)
