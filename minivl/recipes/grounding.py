@@ -43,7 +43,7 @@ class GroundingRecipe(Recipe):
     referring_scenes: int = 300  # test scenes whose every referring expression is grounded
     prefetch: bool = True  # build the next batch in a background thread while the model trains (scenes and
     #                        targets are pure Python, ~10-25% of a cpu step); the batches are the same
-    head_lr_scale: float = 1.0  # lr of the fresh heads (box, class, merge LayerNorm, fusion) as a multiple of
+    head_lr_scale: float = 1.0  # lr of the fresh heads (HEADS: box, class, merge LayerNorm, fusion, class_pos) x
     #                             the towers' (which start from CLIP); 1 = one lr for all
 
     def __post_init__(self) -> None:
