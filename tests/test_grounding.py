@@ -120,6 +120,9 @@ def test_hf_parity_logits_and_boxes():
     torch.testing.assert_close(out.pred_boxes, ref.pred_boxes, atol=1e-5, rtol=0)
     unit = out.class_embeds / (out.class_embeds.norm(dim=-1, keepdim=True) + 1e-6)  # HF returns them normalised
     torch.testing.assert_close(unit, ref.class_embeds, atol=1e-5, rtol=0)
+    for extra in (dict(class_positions=True), dict(box_detail=True), dict(fusion_depth=1)):
+        with pytest.raises(ValueError, match=next(iter(extra))):  # options transformers lacks are refused
+            hf_config_from(OWLViTConfig.preset("tiny", pad_id=PAD, **extra), eos_token_id=EOS, pad_token_id=PAD)
 
 
 # ---------------------------------------------------------------------------- matching and loss
@@ -224,6 +227,26 @@ def test_predict_agrees_with_post_process_and_batches(world):
     assert set(post["labels"].tolist()) <= {0, 1}
     keep = predict(model, images[0], caption, box_threshold=0.99)[0]
     assert len(keep) == len(post_process_object_detection(out, 0.99)[0]["boxes"])
+
+
+def test_predict_phrases_are_those_above_text_threshold_best_first(world):
+    model = tiny()
+    image = world.scene(0, "test").image
+    caption = "circle . square . red square . blue circle . triangle"
+    phrases = split_caption(caption)
+    from minivl.grounding.predict import as_images
+    with torch.no_grad():
+        scores = model(as_images(model, image)[0], **model.tokenize(phrases)).logits[0].sigmoid()  # (N, Q)
+    # thresholds between the scores, so some patches name several phrases, some one, some none
+    text_threshold = float(scores.median())
+    boxes, logits, names = predict(model, image, caption, box_threshold=0.0, text_threshold=text_threshold)
+    assert len(names) == scores.shape[0]
+    counts = set()
+    for row, got in zip(scores, names):
+        want = [phrases[q] for q in row.argsort(descending=True).tolist() if row[q] > text_threshold]
+        assert got == " . ".join(want)
+        counts.add(len(want))
+    assert len(counts) >= 2  # the check saw patches with different numbers of phrases
 
 
 def test_split_caption_never_merges_across_separators():
@@ -390,9 +413,50 @@ def test_class_positions_reach_the_class_head_not_the_boxes():
         tiny(class_positions=1)
 
 
+def test_neighbourhood_stacks_each_patch_3x3_block():
+    from minivl.grounding.model import neighbourhood
+    g, D = 4, 2
+    tokens = torch.randn(2, g * g, D)
+    out = neighbourhood(tokens, g)  # (B, N, 9 D), channel-major: index d * 9 + (dy + 1) * 3 + (dx + 1)
+    assert out.shape == (2, g * g, 9 * D)
+    grid = tokens.reshape(2, g, g, D)
+    for y, x in [(0, 0), (1, 2), (3, 3)]:
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                k = (dy + 1) * 3 + (dx + 1)
+                got = out[:, y * g + x, k::9]  # (B, D)
+                inside = 0 <= y + dy < g and 0 <= x + dx < g
+                want = grid[:, y + dy, x + dx] if inside else torch.zeros(2, D)
+                torch.testing.assert_close(got, want)
+
+
+def test_box_detail_reaches_the_boxes_not_the_class_head(world, tokenizer):
+    plain, detail = tiny(), tiny(box_detail=True)
+    shared = {k: v for k, v in plain.state_dict().items() if not k.startswith("box_head.")}
+    missing = detail.load_state_dict(shared, strict=False).missing_keys
+    assert missing and all(k.startswith(("box_head.", "box_detail.")) for k in missing)
+    img = torch.rand(2, 3, 32, 32) * 2 - 1
+    ids = torch.randint(0, 500, (3, 6))
+    a, b = plain(img, ids), detail(img, ids)
+    torch.testing.assert_close(a.logits, b.logits)  # one tower pass, the same merged tokens and class head
+    torch.testing.assert_close(a.image_embeds, b.image_embeds)
+    feats, first = detail.encode_image(img)
+    assert first.shape == (2, feats.shape[1], 9 * feats.shape[2])
+    torch.testing.assert_close(detail.boxes(feats, first), b.pred_boxes)
+    # the detail path carries the first layer: zeroing it moves the boxes
+    assert not torch.allclose(detail.boxes(feats, torch.zeros_like(first)), b.pred_boxes)
+    with pytest.raises(ValueError, match="box_detail"):
+        detail.boxes(feats)
+    with pytest.raises(TypeError, match="box_detail"):
+        tiny(box_detail=1)
+    loss, _ = detail.loss(make_batch(world, [world.scene(i) for i in range(2)], tokenizer, 40))
+    loss.backward()
+    assert detail.box_detail.weight.grad.abs().sum() > 0 and detail.clip.visual.patch_embed.weight.grad is not None
+
+
 def test_recipe_head_lr_scale_reaches_the_heads_only():
     from minivl.recipes.grounding import HEADS, GroundingRecipe
-    model = tiny(fusion_depth=1, class_positions=True)
+    model = tiny(fusion_depth=1, class_positions=True, box_detail=True)
     names = [n for n, _ in model.named_parameters()]
     assert all(any(n.startswith(h) for n in names) for h in HEADS)  # every prefix names real parameters
     assert not any(n.startswith(h) for n in names if n.startswith("clip.") for h in HEADS)

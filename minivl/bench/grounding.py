@@ -38,7 +38,9 @@ def build_pair(preset: str, device: torch.device):
     from minivl.grounding import OWLViTConfig
     from minivl.grounding.convert import from_transformers, hf_config_from
     tokenizer = world_tokenizer()
-    config = OWLViTConfig.preset(preset, pad_id=tokenizer.pad_id)
+    # the preset's towers and heads without minivl's additions (transformers has none): the same network on both sides
+    from minivl.grounding.convert import PLAIN
+    config = OWLViTConfig.preset(preset, pad_id=tokenizer.pad_id, **PLAIN)
     torch.manual_seed(0)
     hf = transformers.OwlViTForObjectDetection(hf_config_from(config, eos_token_id=tokenizer.eos_id,
                                                               pad_token_id=tokenizer.pad_id,

@@ -18,7 +18,9 @@ Differences to know about (none changes the function on minivl's inputs):
   minivl pools at the last real token. The same place for minivl-tokenised text.
 - Padding queries: transformers marks a query as padding when its first token is 0; minivl takes
   an explicit query_mask. The class head needs text width == projection dim in transformers
-  (its dense0 maps to text_config.hidden_size); `hf_config_from` refuses other configs.
+  (its dense0 maps to text_config.hidden_size); `hf_config_from` refuses other configs, and configs with
+  minivl's own options on (NOT_IN_TRANSFORMERS: the class positions, the box head's first-layer detail,
+  the fusion enhancer, the dense box lessons, the centre prior).
 """
 from __future__ import annotations
 
@@ -29,6 +31,9 @@ from minivl.clip.convert import state_dict_from_hf as clip_state_dict_from_hf
 from minivl.grounding.model import OWLViT, OWLViTConfig
 
 HEAD_PREFIXES = ("class_head.", "box_head.", "layer_norm.")
+# minivl's options that transformers' OWL-ViT lacks, at their "off" values (the plain OWL-ViT)
+PLAIN = dict(class_positions=False, box_detail=False, fusion_depth=0, dense_boxes=0.0, cost_center=0.0)
+NOT_IN_TRANSFORMERS = tuple(PLAIN)
 SPELLING = {"vision_model.pre_layernorm.": "vision_model.pre_layrnorm."}  # OWL-ViT fixed CLIP's typo
 
 
@@ -59,6 +64,10 @@ def hf_config_from(config: OWLViTConfig, eos_token_id: int, pad_token_id: int = 
     """The transformers OwlViTConfig of the same towers and heads as `config` (needs transformers)."""
     from transformers import OwlViTConfig as HFOwlViTConfig
     c = config.clip
+    extras = {name: getattr(config, name) for name in NOT_IN_TRANSFORMERS if getattr(config, name)}
+    if extras:
+        raise ValueError(f"transformers' OWL-ViT has no {sorted(extras)} (minivl's additions, set here: {extras}); "
+                         f"build the config with them off (0 / False) to compare with it")
     if c.text.width != c.embed_dim:
         raise ValueError(f"transformers' OWL-ViT class head maps to the text width, so it needs text width == "
                          f"embed_dim; got {c.text.width} and {c.embed_dim}")
@@ -78,4 +87,5 @@ def from_transformers(hf_model, pad_id: int | None = None) -> OWLViT:
     return model.to(next(hf_model.parameters()).dtype)
 
 
-__all__ = ["rename_hf_key", "state_dict_from_hf", "config_from_hf", "hf_config_from", "from_transformers"]
+__all__ = ["PLAIN", "NOT_IN_TRANSFORMERS", "rename_hf_key", "state_dict_from_hf", "config_from_hf", "hf_config_from",
+           "from_transformers"]

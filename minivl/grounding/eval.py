@@ -6,6 +6,7 @@
   On the "heldout" split the held-out pairs are queried *by their names*: the open-vocabulary
   test, since no training image ever boxed (or named) them; `classes=` restricts the mean to them.
 - `referring_eval`: accuracy of `ground`'s top box (IoU >= 0.5) per expression type.
+- `box_tightness`: IoU of the top box per object, apart from the ranking AP also judges.
 - `precision_recall_curve`: the pooled curve at one IoU threshold, for plotting.
 
 Every image is scored against all P patches for each of its prompt's phrases (OWL-ViT has no NMS:
@@ -124,6 +125,39 @@ def referring_eval(model, world, split: str = "test", n_scenes: int = 300, offse
     return out
 
 
+@torch.no_grad()
+def box_tightness(model, world, split: str = "test", n_scenes: int = 200, drop_detail: bool = False) -> dict:
+    """How tight the boxes are, apart from ranking: for every object of `n_scenes` scenes, the box of the
+    patch scoring highest for its colour-shape phrase ("red circle") in its own image. -> {"mean_iou",
+    "iou_0.9", "iou_0.95" (fractions of objects at or above), "mean_edge_error_px", "n"}.
+    drop_detail=True feeds the box head zeros for the first-layer neighbourhoods (a model with
+    config.box_detail): what the boxes are without it."""
+    scenes = [world.scene(i, split) for i in range(n_scenes)]
+    phrases = sorted({o.name for s in scenes for o in s.objects})
+    col = {p: j for j, p in enumerate(phrases)}
+    embeds = model.embed_text(**model.tokenize(phrases))  # (P, E)
+    S = model.config.clip.vision.image_size
+    device = model.box_bias.device
+    pred, gt = [], []
+    for i in range(0, n_scenes, 100):
+        chunk = scenes[i:i + 100]
+        images = image_to_tensor(np.stack([s.image for s in chunk])).to(device)
+        feats, detail = model.encode_image(images)  # (b, N, D), (b, N, 9 D) or None
+        if drop_detail and detail is not None:
+            detail = torch.zeros_like(detail)
+        logits, _ = model.class_head(model.class_features(feats), embeds.expand(len(chunk), -1, -1))  # (b, N, P)
+        boxes = box_convert(model.boxes(feats, detail).float(), "cxcywh", "xyxy").cpu() * S  # (b, N, 4) pixels
+        for b, scene in enumerate(chunk):
+            for o in scene.objects:
+                pred.append(boxes[b, int(logits[b, :, col[o.name]].argmax())])
+                gt.append(torch.tensor(o.box, dtype=torch.float32))
+    pred, gt = torch.stack(pred), torch.stack(gt)
+    iou = box_iou(pred, gt).diagonal()
+    return {"mean_iou": float(iou.mean()), "iou_0.9": float((iou >= 0.9).float().mean()),
+            "iou_0.95": float((iou >= 0.95).float().mean()),
+            "mean_edge_error_px": float((pred - gt).abs().mean()), "n": len(iou)}
+
+
 def precision_recall_curve(predictions: list[dict], ground_truths: list[dict], iou: float = 0.5) -> dict:
     """The pooled precision-recall curve at one IoU threshold, all classes together: detections
     ranked by score; per image and class each takes the best still-free ground truth (greedy, as
@@ -170,5 +204,5 @@ def evaluate(model, world, n_scenes: int = 500, n_referring: int = 300) -> dict:
     return out
 
 
-__all__ = ["KINDS", "detection_predictions", "detection_eval", "heldout_names", "referring_eval",
+__all__ = ["KINDS", "detection_predictions", "detection_eval", "heldout_names", "referring_eval", "box_tightness",
            "precision_recall_curve", "evaluate"]
