@@ -55,13 +55,14 @@ class GroundingRecipe(Recipe):
 RECIPES = {
     "tiny": GroundingRecipe(steps=40, batch_size=8, lr=2e-3, warmup_steps=5, weight_decay=0.05, eval_scenes=20,
                             referring_scenes=10),
-    # 2,900 steps of 32 scenes: what fits in 5 minutes on two threads of this (slow) machine, 310 images/s. With the
-    # model preset's box_detail: colour-shape AP@0.5 0.990, COCO AP 0.948, held-out pairs AP@0.5 0.954, referring
-    # 97-98%: the targets, the first and third at their edge. cpu-long (5,000 steps, 8.5 min) clears them
-    # with room: 0.995, 0.973, 0.986, 98-99%. Measured on the way (one lever per 2,500-step run, 1 thread): box_detail
-    # took colour-shape COCO AP 0.70 -> 0.92; smaller batches for more steps, the same images, bought little (16 x
-    # 5,000 and 8 x 10,000: 0.71, without box_detail); head lr x3 0.68; lr 3e-3 for towers and heads alike (at 800
-    # steps, COCO AP 0.48 vs 0.40 at 5e-3 and 0.42 with towers 1e-3 / heads 3e-3)
+    # 2,900 steps of 32 scenes: what fits in 5 minutes on two threads, 310 images/s (a machine that ran the CLIP cpu
+    # job in 4.3 min; earlier ones took 3.8 and 7.9). With the model preset's box_detail: colour-shape AP@0.5 0.990,
+    # COCO AP 0.948, held-out pairs AP@0.5 0.954, referring 97-98%: the targets, the first and third at their
+    # edge. cpu-long (5,000 steps, 8.5 min) clears them with room: 0.995, 0.973, 0.986, 98-99%. Measured on the way
+    # (one lever per 2,500-step run, 1 thread): box_detail took colour-shape COCO AP 0.70 -> 0.92; smaller batches
+    # for more steps, the same images, bought little (16 x 5,000 and 8 x 10,000: 0.71, without box_detail); head lr
+    # x3 0.68; lr 3e-3 for towers and heads alike (at 800 steps, COCO AP 0.48 vs 0.40 at 5e-3 and 0.42 with towers
+    # 1e-3 / heads 3e-3)
     "cpu": GroundingRecipe(steps=2900, batch_size=32, lr=3e-3, warmup_steps=100, weight_decay=0.05),
     "cpu-long": GroundingRecipe(steps=5000, batch_size=32, lr=3e-3, warmup_steps=100, weight_decay=0.05),
     "gpu": GroundingRecipe(steps=6000, batch_size=128, lr=5e-4, warmup_steps=300, weight_decay=0.05,
