@@ -122,6 +122,15 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
     return F.pad(out, (0, dim - out.shape[1]))
 
 
+def neighbourhood(tokens: torch.Tensor, grid: int) -> torch.Tensor:
+    """Patch tokens (B, N, D), N = grid * grid in row-major order -> (B, N, 9 * D): each patch's 3 x 3
+    neighbourhood (itself included; zeros past the image's border), stacked channel-major (index
+    d * 9 + 3 * (dy + 1) + (dx + 1)). Read from the first layer (`ln_pre(embed(x))`), it is the
+    "hypercolumn" (Hariharan et al., 2015) that grounding's box head and the captioner's memory use."""
+    x = rearrange(tokens, "b (h w) d -> b d h w", h=grid, w=grid)
+    return rearrange(F.unfold(x, kernel_size=3, padding=1), "b k n -> b n k")  # k = D * 9
+
+
 class VisionTransformer(Checkpointable, nn.Module):
     """Image (B, 3, H, W) -> tokens (B, 1 + N, D)."""
 

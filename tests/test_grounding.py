@@ -414,7 +414,7 @@ def test_class_positions_reach_the_class_head_not_the_boxes():
 
 
 def test_neighbourhood_stacks_each_patch_3x3_block():
-    from minivl.grounding.model import neighbourhood
+    from minivl.vit import neighbourhood
     g, D = 4, 2
     tokens = torch.randn(2, g * g, D)
     out = neighbourhood(tokens, g)  # (B, N, 9 D), channel-major: index d * 9 + (dy + 1) * 3 + (dx + 1)

@@ -38,7 +38,7 @@ from minivl import validate
 from minivl.checkpoint import Checkpointable
 from minivl.clip import CLIP, CLIPConfig
 from minivl.grounding.fusion import QueryFusion
-from minivl.vit import sincos_2d
+from minivl.vit import neighbourhood, sincos_2d
 
 # the towers are CLIP's preset `clip` names (so a CLIP checkpoint loads into them); the heads are
 # OWL-ViT's plain ones: the centre prior in the matching (cost_center), the dense box lessons (dense_boxes) and the
@@ -128,13 +128,6 @@ def box_bias(grid: int, anchor: str = "center") -> torch.Tensor:
     wh = torch.full_like(xy, 1.0 / grid)  # (N, 2)
     inv_sigmoid = lambda p: torch.log(p + 1e-4) - torch.log1p(-p + 1e-4)  # noqa: E731 (as scenic)
     return torch.cat([inv_sigmoid(xy), inv_sigmoid(wh)], -1)  # (N, 4)
-
-
-def neighbourhood(tokens: torch.Tensor, grid: int) -> torch.Tensor:
-    """Patch tokens (B, N, D), N = grid * grid in row-major order -> (B, N, 9 * D): each patch's 3 x 3
-    neighbourhood (itself included; zeros past the image's border), stacked."""
-    x = rearrange(tokens, "b (h w) d -> b d h w", h=grid, w=grid)
-    return rearrange(F.unfold(x, kernel_size=3, padding=1), "b k n -> b n k")  # k = D * 9
 
 
 class BoxHead(nn.Module):
@@ -368,4 +361,4 @@ class OWLViT(Checkpointable, nn.Module):
                         batch["target_labels"], self.config)
 
 
-__all__ = ["OWLViT", "OWLViTConfig", "OWLViTOutput", "PRESETS", "box_bias", "neighbourhood"]
+__all__ = ["OWLViT", "OWLViTConfig", "OWLViTOutput", "PRESETS", "box_bias"]
