@@ -155,6 +155,46 @@ def test_memory_layer_reads_that_hidden_state_and_the_class_token_stays_clips(la
         tiny(memory_layer=0)
 
 
+@pytest.mark.parametrize("layer", [-1, -2])
+def test_memory_detail_adds_the_first_layer_neighbourhood_to_the_patches_only(tok, layer):
+    from minivl.vit import neighbourhood
+    plain, detail = tiny(memory_layer=layer), tiny(memory_layer=layer, memory_detail=True)
+    assert plain.memory_detail is None and not any(k.startswith("memory_detail") for k in plain.state_dict())
+    # with the option off every other weight starts as before: the same seed gives the same tower and text side
+    shared = {k: v for k, v in detail.state_dict().items() if not k.startswith("memory_detail")}
+    for k, v in shared.items():
+        torch.testing.assert_close(v, plain.state_dict()[k])
+    px = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        (m0, c0), (m1, c1) = plain.encode_image(px), detail.encode_image(px)
+        torch.testing.assert_close(c1, c0)  # the ITC summary does not read the detail
+        torch.testing.assert_close(m1[:, 0], m0[:, 0])  # nor does the memory's class token
+        v = detail.vision
+        first = v.ln_pre(v.embed(px))[:, 1:]  # (B, N, Dv), hidden state 0
+        want = m0[:, 1:] + torch.nn.functional.gelu(detail.memory_detail(neighbourhood(first, 4)))
+        torch.testing.assert_close(m1[:, 1:], want)
+    loss, _ = detail.train().loss(batch(tok))
+    loss.backward()
+    assert detail.memory_detail.weight.grad.abs().sum() > 0  # the captioning loss trains it
+    with pytest.raises(TypeError, match="memory_detail"):
+        tiny(memory_detail=1)
+
+
+def test_memory_detail_drop_acts_in_training_only():
+    on, dropped = tiny(memory_detail=True), tiny(memory_detail=True, memory_detail_drop=0.999)
+    px = torch.rand(3, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(dropped.encode_image(px)[0], on.encode_image(px)[0])  # eval: the path is on
+        torch.manual_seed(0)
+        off = dropped.train().encode_image(px)[0]  # training: off for (almost surely) every image
+        cut = on.memory_detail
+        on.memory_detail = None
+        torch.testing.assert_close(off, on.encode_image(px)[0])
+        on.memory_detail = cut
+    with pytest.raises(ValueError, match="memory_detail_drop"):
+        tiny(memory_detail=True, memory_detail_drop=1.0)
+
+
 @pytest.mark.parametrize("beams", [1, 3])
 def test_kv_cache_gives_the_same_captions(tok, beams):
     m = tiny()

@@ -37,7 +37,7 @@ from minivl.captioner.text import BertText, BertTextConfig
 from minivl.checkpoint import Checkpointable
 from minivl.clip.model import clip_loss
 from minivl.tokenizer import Tokenizer
-from minivl.vit import ViTConfig, VisionTransformer, check_images
+from minivl.vit import ViTConfig, VisionTransformer, check_images, neighbourhood
 
 WORLD_VOCAB = 512  # the Shapes World BPE every preset reads
 _PAD = WORLD_VOCAB - len(Tokenizer.SPECIAL_TOKENS)  # its <|pad|>, then <|bos|>, <|eos|>
@@ -52,7 +52,8 @@ PRESETS = {
     # last block's patch outputs were never trained by CLIP); the text side the probe's 64 x 4
     "cpu": dict(vision=dict(image_size=64, patch_size=8, width=64, depth=4, heads=4),
                 text=dict(width=64, depth=4, heads=4, decoder_self_attention=True), embed_dim=64, itm_rows=16,
-                memory_layer=-2, matching_trains_vision=False),  # see CaptionerConfig.matching_trains_vision
+                memory_layer=-2, matching_trains_vision=False,  # see CaptionerConfig.matching_trains_vision
+                memory_detail=True, memory_detail_drop=0.2),  # see CaptionerConfig.memory_detail
     "gpu": dict(vision=dict(image_size=128, patch_size=8, width=384, depth=8, heads=6),
                 text=dict(width=384, depth=6, heads=6, decoder_self_attention=True), embed_dim=256, memory_layer=-2),
 }
@@ -80,6 +81,15 @@ class CaptionerConfig:
     # last block on the class token alone, so its patch outputs there never got a signal; the
     # class token (ITC) is always the last block's, computed for that one token as CLIP does
     memory_layer: int = -1
+    # each patch of that memory plus a projection of its 3x3 neighbourhood of first-layer patch embeddings (grounding's
+    # box_detail): the pixel detail a shape is told by, which the late layers blur. memory_detail_drop: in training,
+    # each image's whole detail path is off with this probability, so the decoder keeps reading CLIP's tokens too.
+    # Measured on the cpu recipe (2,400 steps, 1,000 test scenes, beam 3; without / drop 0 / 0.2 / 0.5): exact scenes
+    # 92.4 / 96.3 / 96.2 / 94.7% (4 objects 79.8 / 89.5 / 88.7 / 87.5%), every claim true 90.6 / 95.4 / 95.3 / 93.1%,
+    # CHAIR 2.1 / 1.6 / 1.4 / 1.9%, held-out scenes 71.6 / 52.6 / 64.8 / 76.4%: read from the pixels alone, a
+    # never-seen pair is named as a seen one; with the drop the names stay composed from CLIP's features
+    memory_detail: bool = False
+    memory_detail_drop: float = 0.0
     prompt: str = "a picture of"  # BLIP's captioning prompt: prefixed in training and generation, never scored
     pad_id: int = IDS["pad_id"]  # the tokenizer's <|pad|>
     bos_id: int = IDS["bos_id"]  # the tokenizer's <|bos|>: BLIP's [CLS], the ITC text summary
@@ -101,6 +111,8 @@ class CaptionerConfig:
         self.label_smoothing = validate.real("label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
         self.matching_weight = validate.real("matching_weight", self.matching_weight, 0.0)
         validate.boolean("CaptionerConfig.matching_trains_vision", self.matching_trains_vision)
+        validate.boolean("CaptionerConfig.memory_detail", self.memory_detail)
+        self.memory_detail_drop = validate.real("memory_detail_drop", self.memory_detail_drop, 0.0, 1.0, high_open=True)
         self.objectives = tuple(self.objectives)
         if self.itm_rows is not None:
             validate.positive_int("CaptionerConfig.itm_rows", self.itm_rows)
@@ -162,6 +174,11 @@ class Captioner(Checkpointable, nn.Module):
         self.itm_head = nn.Linear(c.text.width, 2)
         self.temp = nn.Parameter(torch.tensor(c.temperature_init))
         self.ln_memory = nn.LayerNorm(c.vision.width, eps=c.vision.norm_eps) if c.memory_layer != -1 else None
+        self.memory_detail = None  # built last, so that with the option off every other weight starts as before
+        if c.memory_detail:
+            self.memory_detail = nn.Linear(9 * c.vision.width, c.vision.width)  # 3x3 first-layer patches -> Dv
+            nn.init.normal_(self.memory_detail.weight, std=(9 * c.vision.width) ** -0.5)  # fan-in: ~unit outputs
+            nn.init.zeros_(self.memory_detail.bias)
         self.tokenizer = None  # set by `load` to the checkpoint's tokenizer; the world BPE otherwise
 
     # ------------------------------------------------------------------ the three modes
@@ -177,15 +194,31 @@ class Captioner(Checkpointable, nn.Module):
         pixel_values = check_pixels(pixel_values, c.vision.image_size)
         if c.memory_layer == -1:
             tokens = v(pixel_values).tokens  # (B, 1 + N, Dv)
-            return tokens, tokens[:, 0]
+            return self._with_detail(tokens, pixel_values), tokens[:, 0]
         blocks = list(v.transformer.blocks)
         x = v.hidden_state(pixel_values, c.memory_layer)  # (B, 1 + N, Dv)
-        memory, cls = self.ln_memory(x), None
+        memory, cls = self._with_detail(self.ln_memory(x), pixel_values), None
         if pooled:
             for block in blocks[len(blocks) + 1 + c.memory_layer:-1]:
                 x, _ = block(x)
             cls = v.ln_post(blocks[-1](x, query_index=0)[0][:, 0])  # (B, Dv)
         return memory, cls
+
+    def _with_detail(self, memory: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        """config.memory_detail: memory (B, 1 + N, Dv) with each patch plus GELU(Linear(its 3x3 neighbourhood of
+        first-layer patch embeddings)), in training dropped per image with config.memory_detail_drop; the class
+        token as it was. Otherwise the memory unchanged."""
+        if self.memory_detail is None:
+            return memory
+        v = self.vision
+        first = v.ln_pre(v.embed(pixel_values))[:, 1:]  # (B, N, Dv): hidden state 0 (one patch conv more)
+        grid = self.config.vision.image_size // self.config.vision.patch_size
+        detail = F.gelu(self.memory_detail(neighbourhood(first, grid)))  # (B, N, Dv)
+        p = self.config.memory_detail_drop
+        if self.training and p > 0:  # per image, the whole path off with probability p (no rescale: on is on)
+            keep = torch.rand(detail.shape[0], 1, 1, device=detail.device) >= p  # (B, 1, 1)
+            detail = detail * keep.to(detail.dtype)
+        return torch.cat([memory[:, :1], memory[:, 1:] + detail], 1)
 
     def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> image tokens (B, 1 + N, Dv): what the text cross-attends to."""
