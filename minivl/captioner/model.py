@@ -212,8 +212,7 @@ class Captioner(Checkpointable, nn.Module):
             return memory
         v = self.vision
         first = v.ln_pre(v.embed(pixel_values))[:, 1:]  # (B, N, Dv): hidden state 0 (one patch conv more)
-        grid = self.config.vision.image_size // self.config.vision.patch_size
-        detail = F.gelu(self.memory_detail(neighbourhood(first, grid)))  # (B, N, Dv)
+        detail = F.gelu(self.memory_detail(neighbourhood(first, self.config.vision.grid)))  # (B, N, Dv)
         p = self.config.memory_detail_drop
         if self.training and p > 0:  # per image, the whole path off with probability p (no rescale: on is on)
             keep = torch.rand(detail.shape[0], 1, 1, device=detail.device) >= p  # (B, 1, 1)

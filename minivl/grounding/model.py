@@ -212,14 +212,11 @@ class OWLViT(Checkpointable, nn.Module):
     def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, 3, H, W) -> (merged patch tokens (B, N, D) as `image_features`, the first-layer neighbourhoods
         (B, N, 9 D) the box head reads when config.box_detail is on, else None). One pass of the tower."""
-        vit = self.clip.visual
-        if self.box_detail is None:
-            tokens, detail = vit(images).tokens, None  # (B, 1 + N, D), after ln_post
-        else:
-            first = vit.ln_pre(vit.embed(images))  # (B, 1 + N, D): hidden state 0, what the blocks read
-            tokens = vit.ln_post(vit.transformer(first).last_hidden_state)  # (B, 1 + N, D): as vit(images).tokens
-            detail = neighbourhood(first[:, 1:], self.config.grid)  # (B, N, 9 D)
-        return self.layer_norm(tokens[:, 1:] * tokens[:, :1]), detail  # (B, N, D), ...
+        out = self.clip.visual(images, output_hidden_states=self.box_detail is not None)
+        tokens = out.tokens  # (B, 1 + N, D), after ln_post
+        # hidden state 0 (B, 1 + N, D) is what the blocks read: ln_pre(embed(images))
+        detail = None if self.box_detail is None else neighbourhood(out.hidden_states[0][:, 1:], self.config.grid)
+        return self.layer_norm(tokens[:, 1:] * tokens[:, :1]), detail  # (B, N, D), (B, N, 9 D) or None
 
     def embed_text(self, input_ids, attention_mask=None) -> torch.Tensor:
         """Token ids (Q, T) (with their mask) -> L2-normalised query embeddings (Q, E)."""
