@@ -145,6 +145,18 @@ class Context:
         return self.rank == 0
 
 
+def _teardown() -> None:
+    """At exit: wait until every rank is here, then leave the group. Without the barrier a fast rank
+    tears its gloo connections down while a slow one still talks on them, and the slow one can die in
+    C++ ("terminate called without an active exception") after a run that finished correctly."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def setup(device=None) -> tuple[Context, torch.device]:
     """(Context, device) for this process. One process unless torchrun set WORLD_SIZE > 1 (or a
     process group is already initialised); then join the group (nccl on CUDA, gloo on CPU), and on
@@ -171,7 +183,7 @@ def setup(device=None) -> tuple[Context, torch.device]:
         raise ValueError(f"data-parallel training runs on cuda (nccl) or cpu (gloo), not {dev}")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")  # env:// from torchrun
-        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+        atexit.register(_teardown)
     return Context(rank, world, local), dev
 
 

@@ -128,13 +128,14 @@ class _Rows:
         return self.decoder(inputs_embeds=self.x, attention_mask=self.mask, **self.extra)[:, -1]
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows `index` (B,): the beams that continue."""
+        """Keep rows `index` (B*K,): the beams that continue. Each index stays within its prompt's K
+        rows, so the memory (the prompt's image, repeated for its beams) needs no reordering."""
         self.mask, self.seen = self.mask[index], self.seen[index]
         if self.cache is None:
             self.x = self.x[index]
         else:
             for layer in self.cache:
-                layer.reorder(index)
+                layer.reorder(index, memory=False)
 
 
 def _prepare_prompt(decoder, input_ids, attention_mask, inputs_embeds):

@@ -59,9 +59,13 @@ class LayerCache:
     self_attn: KVCache
     cross_attn: KVCache
 
-    def reorder(self, index: torch.Tensor) -> None:
+    def reorder(self, index: torch.Tensor, memory: bool = True) -> None:
+        """Keep batch rows `index`. memory=False leaves the cross-attention keys as they are: beam
+        search's rows are K beams per prompt, each reading its prompt's image, and a beam only ever
+        continues a beam of the same prompt, so those keys are already right (no copy per step)."""
         self.self_attn.reorder(index)
-        self.cross_attn.reorder(index)
+        if memory:
+            self.cross_attn.reorder(index)
 
 
 def build_mask(attention_mask: torch.Tensor | None, *, causal: bool, T: int, S: int, device: torch.device,
