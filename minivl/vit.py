@@ -169,14 +169,15 @@ class VisionTransformer(Checkpointable, nn.Module):
         tokens = self.ln_post(out.last_hidden_state)  # (B, 1 + N, D)
         return ViTOutput(tokens, tokens[:, 0], out.hidden_states, out.attentions)
 
-    def hidden_state(self, images: torch.Tensor, layer: int = -2) -> torch.Tensor:
+    def hidden_state(self, images: torch.Tensor, layer: int = -2, first: torch.Tensor | None = None) -> torch.Tensor:
         """`forward(images, output_hidden_states=True).hidden_states[layer]` (B, 1 + N, D), running only
-        the blocks before it (-1: the last block's output, before ln_post; -2: its input, what LLaVA reads)."""
+        the blocks before it (-1: the last block's output, before ln_post; -2: its input, what LLaVA reads).
+        `first`: hidden state 0, ln_pre(embed(images)), when the caller has computed it already."""
         depth = self.config.depth
         if isinstance(layer, bool) or not isinstance(layer, int) or not -depth - 1 <= layer <= depth:
             raise ValueError(f"layer must be an int in [-{depth + 1}, {depth}] (one of the {depth + 1} hidden "
                              f"states), got {layer!r}")
-        x = self.ln_pre(self.embed(images))  # (B, 1 + N, D): hidden state 0
+        x = self.ln_pre(self.embed(images)) if first is None else first  # (B, 1 + N, D): hidden state 0
         for block in list(self.transformer.blocks)[:layer % (depth + 1)]:
             x, _ = block(x)
         return x

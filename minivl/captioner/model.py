@@ -192,27 +192,28 @@ class Captioner(Checkpointable, nn.Module):
         token alone (`Block(query_index=0)`, CLIP's pooled path), or not at all when not pooled."""
         c, v = self.config, self.vision
         pixel_values = check_pixels(pixel_values, c.vision.image_size)
+        detail = self.memory_detail is not None
         if c.memory_layer == -1:
-            tokens = v(pixel_values).tokens  # (B, 1 + N, Dv)
-            return self._with_detail(tokens, pixel_values), tokens[:, 0]
+            out = v(pixel_values, output_hidden_states=detail)
+            tokens = out.tokens  # (B, 1 + N, Dv)
+            return self._with_detail(tokens, out.hidden_states[0] if detail else None), tokens[:, 0]
         blocks = list(v.transformer.blocks)
-        x = v.hidden_state(pixel_values, c.memory_layer)  # (B, 1 + N, Dv)
-        memory, cls = self._with_detail(self.ln_memory(x), pixel_values), None
+        first = v.ln_pre(v.embed(pixel_values))  # (B, 1 + N, Dv): hidden state 0, computed once for both paths
+        x = v.hidden_state(pixel_values, c.memory_layer, first=first)  # (B, 1 + N, Dv)
+        memory, cls = self._with_detail(self.ln_memory(x), first), None
         if pooled:
             for block in blocks[len(blocks) + 1 + c.memory_layer:-1]:
                 x, _ = block(x)
             cls = v.ln_post(blocks[-1](x, query_index=0)[0][:, 0])  # (B, Dv)
         return memory, cls
 
-    def _with_detail(self, memory: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    def _with_detail(self, memory: torch.Tensor, first: torch.Tensor | None) -> torch.Tensor:
         """config.memory_detail: memory (B, 1 + N, Dv) with each patch plus GELU(Linear(its 3x3 neighbourhood of
-        first-layer patch embeddings)), in training dropped per image with config.memory_detail_drop; the class
-        token as it was. Otherwise the memory unchanged."""
+        first-layer patch embeddings)), `first` being the tower's hidden state 0 (B, 1 + N, Dv); in training
+        dropped per image with config.memory_detail_drop; the class token as it was. Otherwise the memory unchanged."""
         if self.memory_detail is None:
             return memory
-        v = self.vision
-        first = v.ln_pre(v.embed(pixel_values))[:, 1:]  # (B, N, Dv): hidden state 0 (one patch conv more)
-        detail = F.gelu(self.memory_detail(neighbourhood(first, self.config.vision.grid)))  # (B, N, Dv)
+        detail = F.gelu(self.memory_detail(neighbourhood(first[:, 1:], self.config.vision.grid)))  # (B, N, Dv)
         p = self.config.memory_detail_drop
         if self.training and p > 0:  # per image, the whole path off with probability p (no rescale: on is on)
             keep = torch.rand(detail.shape[0], 1, 1, device=detail.device) >= p  # (B, 1, 1)
