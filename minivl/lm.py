@@ -130,14 +130,23 @@ class CausalLM(Checkpointable, nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
                 inputs_embeds: torch.Tensor | None = None, memory: torch.Tensor | None = None,
                 memory_mask: torch.Tensor | None = None, cache: list[LayerCache] | None = None,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                hidden_only: bool = False) -> torch.Tensor:
         """Next-token logits (B, P+T, V) for the prefix `inputs_embeds` (B, P, D) then `input_ids` (B, T).
 
         attention_mask (B, past+P+T), 1 = real, 0 = pad, covers the cached positions too; a (B, T)
         mask for the tokens alone is accepted when there is a prefix and no cache (prefix = real).
         position_ids (B, P+T) default to positions_from_mask(mask), or past + 0, 1, 2, ... without one.
         memory (B, S, Dm) and memory_mask (B, S) feed the cross-attention (config.cross_attention).
+        segment_ids (B, P+T): a packed row, several continuations of one shared prefix (-1) in segments
+        0, 1, ... that never read each other (`minivl.transformer.segment_mask`); it needs position_ids
+        (each segment's positions going on from the prefix's, as if it were alone). hidden_only=True
+        returns the final hidden states after ln_final (B, P+T, D) instead, for a loss that applies
+        lm_head only where it scores (a chat's answers are a small share of its tokens).
         """
+        if segment_ids is not None and position_ids is None:
+            raise ValueError("segment_ids (packing) need position_ids: each segment's positions continue the "
+                             "prefix's as if it stood alone, which the mask's running count cannot know")
         x = self.embed(input_ids, inputs_embeds)  # (B, N, D), N = P + T
         B, N = x.shape[:2]
         past = len(cache[0].self_attn) if cache else 0
@@ -172,8 +181,9 @@ class CausalLM(Checkpointable, nn.Module):
                                  f"[{int(position_ids.min())}, {int(position_ids.max())}]")
         x = self.drop(x + self.pos_embed[position_ids])  # (B, N, D)
         h = self.transformer(x, attention_mask=attention_mask, causal=True, memory=memory,
-                             memory_mask=memory_mask, cache=cache).last_hidden_state
-        return self.lm_head(self.ln_final(h))  # (B, N, V)
+                             memory_mask=memory_mask, cache=cache, segment_ids=segment_ids).last_hidden_state
+        h = self.ln_final(h)  # (B, N, D)
+        return h if hidden_only else self.lm_head(h)  # (B, N, V)
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """Mean next-token cross-entropy over real targets.

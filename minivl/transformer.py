@@ -95,6 +95,25 @@ def build_mask(attention_mask: torch.Tensor | None, *, causal: bool, T: int, S: 
     return mask
 
 
+def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean mask (B, 1, T, T) for packed sequences, True where query t may read key s.
+
+    segment_ids (B, T): -1 = a shared prefix every token reads (an image, a system prompt); k >= 0 =
+    segment k, whose tokens read the prefix and their own segment only; -2 = padding, which reads only
+    the prefix. Combined with a causal mask, segment k computes exactly what it would alone after the
+    prefix (given positions that restart after the prefix): several independent continuations of one
+    prefix in one row, the prefix computed once (how VQA packs a scene's questions, for a causal LM)."""
+    if not isinstance(segment_ids, torch.Tensor) or segment_ids.dim() != 2 or segment_ids.is_floating_point():
+        raise ValueError(f"segment_ids must be a (B, T) integer tensor, got "
+                         f"{getattr(segment_ids, 'dtype', type(segment_ids).__name__)} {tuple(getattr(segment_ids, 'shape', ()))}")
+    g = segment_ids.long()
+    if segment_ids.device.type == "cpu" and bool((g < -2).any()):
+        raise ValueError(f"segment_ids must be -2 (pad), -1 (shared prefix) or a segment index >= 0, got {int(g.min())}")
+    own = (g[:, :, None] == g[:, None, :]) & (g[:, :, None] >= 0)  # (B, T, T): same segment (pads excluded)
+    shared = (g == -1)[:, None, :]  # (B, 1, T): every query reads the prefix
+    return rearrange(own | shared, "b t s -> b 1 t s")
+
+
 class Attention(nn.Module):
     """Multi-head attention; self-attention when `memory` is None, cross-attention otherwise."""
 
@@ -293,7 +312,7 @@ class Transformer(nn.Module):
                 memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None,
                 cache: list[LayerCache] | None = None, need_weights: bool = False,
                 output_hidden_states: bool = False, pool_index: int | torch.Tensor | None = None,
-                use_cross_attention: bool = True) -> TransformerOutput:
+                use_cross_attention: bool = True, segment_ids: torch.Tensor | None = None) -> TransformerOutput:
         """x (B, T, D) through every block.
 
         attention_mask (B, past + T): 1 = real, 0 = pad, over the cached positions too. causal: each
@@ -304,6 +323,7 @@ class Transformer(nn.Module):
         the same numbers at about 1/depth less cost (how CLIP reads its embeddings).
         use_cross_attention=False runs a cross-attention stack without its cross-attention (no
         memory): BLIP's text transformer as a unimodal encoder, with the same weights.
+        segment_ids (B, T): packing, see `segment_mask` (no cache: a packed row is read whole).
         """
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"transformer input must be (B, T, {self.dim}), got {tuple(x.shape)}")
@@ -321,10 +341,18 @@ class Transformer(nn.Module):
         past = len(cache[0].self_attn) if cache else 0
         # The masks, once for every block. SDPA's own causal mask (fused, no mask tensor at all) is
         # top-left aligned and knows no padding: use it when that is the whole story.
-        fused_causal = causal and attention_mask is None and past == 0 and not need_weights
+        fused_causal = causal and attention_mask is None and past == 0 and not need_weights and segment_ids is None
         # One new query (T == 1) is the last position: a causal mask would hide nothing from it.
         mask = None if fused_causal else build_mask(attention_mask, causal=causal and T > 1, T=T, S=past + T,
                                                     device=dev)
+        if segment_ids is not None:
+            if cache is not None or pool_index is not None:
+                raise ValueError("segment_ids (packing) reads a whole row at once: no cache, no pool_index")
+            if tuple(segment_ids.shape) != (x.shape[0], T):
+                raise ValueError(f"segment_ids must be (B={x.shape[0]}, T={T}), got {tuple(segment_ids.shape)}")
+            packed = segment_mask(segment_ids.to(dev))  # (B, 1, T, T)
+            mask = packed if mask is None else mask & packed
+            mask = mask | ~mask.any(dim=-1, keepdim=True)  # a query that may see nothing sees all (never read)
         if memory_mask is not None:
             if memory is None:
                 raise ValueError("memory_mask given without memory")

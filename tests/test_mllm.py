@@ -9,7 +9,8 @@ import torch
 
 from minivl import mllm
 from minivl.mllm import chat
-from minivl.mllm.data import collate_chats, load_llava_json, question_chat, world_batches, write_llava_folder
+from minivl.mllm.data import (collate_chats, load_llava_json, pack_chats, question_chat, single_turns, world_batches,
+                              write_llava_folder)
 from minivl.mllm.eval import parse_box
 from minivl.world import World
 
@@ -126,6 +127,78 @@ def test_loss_at_uniform_logits_is_log_vocab(tiny, world):
     loss, logs = m.loss(batch)
     assert loss.item() == pytest.approx(math.log(model.config.lm.vocab_size), abs=1e-5)
     assert 0 <= logs["token_acc"] <= 1
+
+
+def test_packed_chats_score_each_segment_as_if_alone(tiny, world):
+    """pack_chats puts a scene's exchanges behind one image: each segment's logits and loss must be those
+    of its own single-exchange chat (no segment reads another, positions restart after the image)."""
+    model, processor = tiny
+    scenes = [world.scene(i, "train") for i in range(2)]
+    pixels = processor(text=["<image>"] * 2, images=[s.image for s in scenes])["pixel_values"]
+    chats = [single_turns(question_chat(world, s, np.random.default_rng(i), 3, True)) for i, s in enumerate(scenes)]
+    assert all(len(c) >= 3 for c in chats)
+    packed = pack_chats(processor, pixels, chats)
+    assert packed["segment_ids"][0, 0] == -1 and packed["segment_ids"][0].max() == len(chats[0]) - 1
+    logits = model(packed["input_ids"], packed["attention_mask"], pixels, position_ids=packed["position_ids"],
+                   segment_ids=packed["segment_ids"])  # (B, T, V)
+    total, n = 0.0, 0
+    for b, row in enumerate(chats):
+        for k, one in enumerate(row):
+            alone = collate_chats(processor, pixels[b:b + 1], [one])
+            ref = model(alone["input_ids"], alone["attention_mask"], pixels[b:b + 1])[0]  # (T1, V)
+            where = (packed["segment_ids"][b] == k) | (packed["segment_ids"][b] == -1)
+            torch.testing.assert_close(logits[b, where], ref[:int(where.sum())], atol=1e-5, rtol=1e-5)
+            scored = alone["labels"][0, 1:] != chat.IGNORE
+            total += torch.nn.functional.cross_entropy(ref[:-1][scored], alone["labels"][0, 1:][scored],
+                                                       reduction="sum").item()
+            n += int(scored.sum())
+    loss, _ = model.loss(packed)  # the mean over every segment's answer tokens
+    assert loss.item() == pytest.approx(total / n, rel=1e-5)
+    # the leak the packing removes: without the segment mask the later segments read the earlier ones
+    leaky = model(packed["input_ids"], packed["attention_mask"], pixels, position_ids=packed["position_ids"])
+    assert not torch.allclose(leaky[packed["segment_ids"] == 1], logits[packed["segment_ids"] == 1], atol=1e-3)
+    with pytest.raises(ValueError, match="need position_ids"):
+        model(packed["input_ids"], packed["attention_mask"], pixels, segment_ids=packed["segment_ids"])
+    with pytest.raises(ValueError, match="segment_ids must be"):
+        model(packed["input_ids"], packed["attention_mask"], pixels, position_ids=packed["position_ids"],
+              segment_ids=packed["segment_ids"][:, :-1])
+    with pytest.raises(ValueError, match="one list of chats per image"):
+        pack_chats(processor, pixels, chats[:1])
+    # world_batches(pack=True): a batch's rows all carry the world's turns (describe, ...) or none does, so that
+    # no batch pads its question rows to a describe row's length; both kinds occur
+    from minivl.world_text import DESCRIBE
+    kinds = []
+    for step in range(8):
+        batch = world_batches(world, processor, 3, 2, n_questions=2, world_turns=0.5, pack=True)(step)
+        rows = [processor.decode(r, skip_special_tokens=False) for r in batch["input_ids"].tolist()]
+        described = {any(d in r for d in DESCRIBE) for r in rows}
+        assert len(described) == 1, rows
+        kinds.append(described.pop())
+    assert set(kinds) == {True, False}
+
+
+def test_region_supervision_reads_the_lm_states_at_the_image_tokens(world):
+    """MLLMConfig.patch_classes: the loss adds patch_loss x the region cross-entropy; with a zero head every class
+    is equally likely, so that term is exactly sum(log classes) (one per attribute); wrong labels are refused."""
+    from minivl.mllm.data import region_attributes
+    classes = tuple(len(c) + 1 for c in region_attributes(world).values())
+    torch.manual_seed(0)
+    model = mllm.LlavaModel(mllm.MLLMConfig.preset("tiny", patch_classes=classes, patch_loss=0.5))
+    processor = mllm.LlavaProcessor.from_model(model)
+    grid = model.config.vision.grid // model.config.pixel_shuffle
+    batch = world_batches(world, processor, 2, 2, n_questions=2, world_turns=0.0, pack=True, region_grid=grid)(0)
+    assert batch["patch_labels"].shape == (2, model.config.num_image_tokens, 3)
+    plain, _ = model.loss({k: v for k, v in batch.items() if k != "patch_labels"})
+    with torch.no_grad():
+        model.patch_head.weight.zero_()
+        model.patch_head.bias.zero_()
+    loss, logs = model.loss(batch)
+    assert logs["patch_loss"].item() == pytest.approx(sum(math.log(k) for k in classes), rel=1e-5)
+    assert loss.item() == pytest.approx(plain.item() + 0.5 * logs["patch_loss"].item(), rel=1e-5)
+    with pytest.raises(ValueError, match="patch_labels must be"):
+        model.loss({**batch, "patch_labels": batch["patch_labels"][:, :3]})
+    with pytest.raises(ValueError, match="patch_classes"):
+        mllm.MLLMConfig.preset("tiny", patch_classes=(1,))
 
 
 def test_overfits_one_batch(world):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import minivl.transformer as tr
-from minivl.transformer import Attention, Block, Transformer, build_mask, init_weights
+from minivl.transformer import Attention, Block, Transformer, build_mask, init_weights, segment_mask
 
 
 def _explicit_attention(attn: Attention, x, memory=None, allowed=None):
@@ -155,6 +155,27 @@ def test_kv_cache_reorder_follows_beams():
 def test_build_mask_is_bottom_right_aligned():
     m = build_mask(None, causal=True, T=2, S=4, device=torch.device("cpu"))[0, 0]
     assert m.tolist() == [[True, True, True, False], [True, True, True, True]]
+
+
+def test_segment_mask_keeps_packed_segments_apart():
+    g = torch.tensor([[-1, -1, 0, 0, 1, 1, -2]])  # a shared prefix, two segments, a pad
+    m = segment_mask(g)[0, 0]
+    assert m[2].tolist() == [True, True, True, True, False, False, False]  # segment 0: prefix + itself
+    assert m[5].tolist() == [True, True, False, False, True, True, False]  # segment 1 never reads segment 0
+    assert m[6].tolist() == [True, True, False, False, False, False, False]  # a pad reads the prefix only
+    assert m[0].tolist() == [True, True, False, False, False, False, False]  # the prefix reads only itself
+    torch.manual_seed(0)
+    model = _model(depth=2).eval()
+    x = torch.randn(1, 7, 32)
+    packed = model(x, causal=True, segment_ids=g).last_hidden_state
+    alone = model(x[:, [0, 1, 4, 5]], causal=True).last_hidden_state  # segment 1 right after the prefix
+    torch.testing.assert_close(packed[0, 4:6], alone[0, 2:])  # positions are the caller's (none here): equal
+    with pytest.raises(ValueError, match="segment_ids must be"):
+        segment_mask(g.float())
+    with pytest.raises(ValueError, match="-2 \\(pad\\)"):
+        segment_mask(torch.tensor([[-3, 0]]))
+    with pytest.raises(ValueError, match="no cache"):
+        model(x[:, :1], causal=True, segment_ids=g[:, :1], cache=model.new_cache())
 
 
 def test_outputs_hidden_states_and_attentions():

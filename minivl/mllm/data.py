@@ -23,6 +23,7 @@ import torch
 
 from minivl.data import image_to_tensor
 from minivl.mllm import chat
+from minivl.world import SIZES, patch_labels
 from minivl.world_text import DESCRIBE
 
 COUNT_ALL = "How many objects are there?"  # the world conversation's count turn (a sentence answer)
@@ -86,6 +87,74 @@ def collate_chats(processor, images, conversations) -> dict:
     return batch
 
 
+def single_turns(conversation) -> list[list[dict]]:
+    """A conversation -> one chat per exchange, each opening with the image: [[human, gpt], ...]. Packed
+    (`pack_chats`), each is answered from the image and its own question, never from the turns before."""
+    out = []
+    for i in range(0, len(conversation) - 1, 2):
+        user, reply = conversation[i], conversation[i + 1]
+        text = user["value"].replace(chat.IMAGE + "\n", "").replace(chat.IMAGE, "")
+        out.append([{"from": "human", "value": chat.IMAGE + "\n" + text}, {"from": "gpt", "value": reply["value"]}])
+    return out
+
+
+def pack_chats(processor, images, chats: list[list[list[dict]]]) -> dict:
+    """Packing: row b = image b's shared prefix (<|bos|><|user|> and its image tokens) once, then each of
+    chats[b] (single-exchange chats that open with the image, `single_turns`) after it as a segment that
+    reads the prefix and itself only, positions restarting after the prefix: every segment is scored
+    exactly as if it were its own sequence (tests/test_mllm.py checks it), for one prefix instead of
+    one per question. The last segments of a row are dropped until it fits the context.
+
+    -> input_ids, attention_mask, labels, segment_ids (-1 prefix, 0.. segments, -2 pad), position_ids
+    (B, T) right-padded, and pixel_values."""
+    if len(chats) == 0 or len(chats) != len(images):
+        raise ValueError(f"pack_chats needs one list of chats per image, got {len(chats)} lists for {len(images)} images")
+    rows = []
+    for b, row_chats in enumerate(chats):
+        if not row_chats:
+            raise ValueError(f"pack_chats: image {b} has no chat to pack")
+        encoded = [processor.encode_conversation(c) for c in row_chats]
+        first = encoded[0][0]
+        P = max(i for i, t in enumerate(first) if t == processor.image_token_id) + 1  # the prefix: up to the last image token
+        ids, labels, seg, pos = list(first[:P]), [chat.IGNORE] * P, [-1] * P, list(range(P))
+        for k, (e_ids, e_labels) in enumerate(encoded):
+            if e_ids[:P] != first[:P]:
+                raise ValueError(f"pack_chats: image {b}'s chats do not share one prefix (each must open with the image)")
+            body, body_labels = e_ids[P:], e_labels[P:]
+            if body_labels and body_labels[0] != chat.IGNORE:  # the token before it is another segment's
+                raise ValueError("pack_chats: a segment must open with the user's text, not the assistant's")
+            if len(ids) + len(body) > processor.context_length:
+                if k == 0:
+                    raise ValueError(f"pack_chats: image {b}'s first chat alone exceeds the context")
+                break
+            ids += body
+            labels += body_labels
+            seg += [k] * len(body)
+            pos += range(P, P + len(body))
+        rows.append((ids, labels, seg, pos))
+    T = max(len(r[0]) for r in rows)
+    B = len(rows)
+    out = {"input_ids": torch.full((B, T), processor.pad_id, dtype=torch.long),
+           "attention_mask": torch.zeros((B, T), dtype=torch.long),
+           "labels": torch.full((B, T), chat.IGNORE, dtype=torch.long),
+           "segment_ids": torch.full((B, T), -2, dtype=torch.long),
+           "position_ids": torch.zeros((B, T), dtype=torch.long)}
+    for b, (ids, labels, seg, pos) in enumerate(rows):
+        n = len(ids)
+        out["input_ids"][b, :n] = torch.tensor(ids)
+        out["attention_mask"][b, :n] = 1
+        out["labels"][b, :n] = torch.tensor(labels)
+        out["segment_ids"][b, :n] = torch.tensor(seg)
+        out["position_ids"][b, :n] = torch.tensor(pos)
+    out["pixel_values"] = images
+    return out
+
+
+def region_attributes(world) -> dict:
+    """What region supervision asks of each image token: {attribute: its classes} (each + "none" in the head)."""
+    return {"color": world.config.colors, "shape": world.config.shapes, "size": SIZES}
+
+
 def max_objects_at(step: int, ramp_steps: int, world) -> int:
     """The curriculum: at most 1 object per scene at step 0, growing linearly to the world's maximum
     at `ramp_steps` (0 = no curriculum). One object first: "what color is the circle?" is then read
@@ -97,11 +166,18 @@ def max_objects_at(step: int, ramp_steps: int, world) -> int:
 
 
 def world_batches(world, processor, batch_size: int, stage: int, seed: int = 0, n_questions: int = 4,
-                  world_turns: float = 0.5, ramp_steps: int = 0):
+                  world_turns: float = 0.5, ramp_steps: int = 0, pack: bool = False, region_grid: int = 0):
     """get_batch(step) for stage 1 (captions) or 2 (conversations): fresh train scenes every step,
     a pure function of (seed, stage, step). In stage 2 a share `world_turns` of the chats carries
     the world's describe/locate turns; the rest are questions only (shorter, more of them).
-    ramp_steps > 0: the object-count curriculum of `max_objects_at`."""
+    ramp_steps > 0: the object-count curriculum of `max_objects_at`. pack=True (stage 2): each
+    scene's exchanges as separate chats packed behind one image (`pack_chats`; `world_turns` is then the
+    share of *batches* whose rows carry the world's turns, so that rows of one batch have similar lengths), so that no answer can
+    be read off an earlier turn's text (in one multi-turn chat, "is there a red circle?" after "describe
+    the image" is answered from the description, and the model learns to look less). region_grid > 0 adds
+    patch_labels (B, grid^2, 3): the colour, shape and size under each image token's patch block
+    (`minivl.world.patch_labels`, row-major as the tokens are), for MLLMConfig.patch_classes."""
+    attributes = region_attributes(world)
     def get_batch(step: int) -> dict:
         rng = np.random.default_rng([seed, stage, step])
         first = (seed * 3 + stage) * 2**40 + step * batch_size  # as recipes.stream_indices: fresh scenes
@@ -111,9 +187,20 @@ def world_batches(world, processor, batch_size: int, stage: int, seed: int = 0, 
         if stage == 1:
             convs = [caption_chat(world, s, rng) for s in scenes]
         else:
-            convs = [question_chat(world, s, rng, n_questions, bool(rng.random() < world_turns)) for s in scenes]
+            if pack:  # the whole batch carries the world's turns or none does: a batch is padded to its longest
+                turns = [bool(rng.random() < world_turns)] * len(scenes)  # row, and a describe turn is ~40 tokens
+            else:
+                turns = [bool(rng.random() < world_turns) for _ in scenes]
+            convs = [question_chat(world, s, rng, n_questions, t) for s, t in zip(scenes, turns)]
         images = image_to_tensor(np.stack([s.image for s in scenes]))  # (B, 3, S, S)
-        return collate_chats(processor, images, convs)
+        if pack and stage == 2:
+            batch = pack_chats(processor, images, [single_turns(c) for c in convs])
+        else:
+            batch = collate_chats(processor, images, convs)
+        if region_grid:
+            batch["patch_labels"] = torch.from_numpy(np.stack([
+                patch_labels(s.objects, world.config.image_size, region_grid, attributes) for s in scenes]))  # (B, N, 3)
+        return batch
     return get_batch
 
 
@@ -184,5 +271,6 @@ def folder_batches(records: list[dict], processor, batch_size: int, seed: int = 
     return get_batch
 
 
-__all__ = ["max_objects_at", "caption_chat", "question_chat", "fit_conversation", "collate_chats", "world_batches", "load_llava_json", "read_image",
+__all__ = ["region_attributes", "max_objects_at", "caption_chat", "question_chat", "single_turns", "pack_chats", "fit_conversation",
+           "collate_chats", "world_batches", "load_llava_json", "read_image",
            "write_llava_folder", "folder_batches"]

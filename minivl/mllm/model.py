@@ -68,6 +68,11 @@ class MLLMConfig:
     # position answers stayed at 50%. The whole cpu recipe at 1.0: 49.7% answers (48.9% without), position 49.8%:
     # here the LM does not learn to read where in 1,100 steps, strong positions or not
     image_positions: float = 0.0
+    # region supervision (off when empty), as minivl.vqa's: a linear head on the LM's last hidden state at every
+    # image token predicts what lies under it (per attribute its classes + "none": Shapes World's colour, shape,
+    # size), so that the image positions are made to carry what is where; patch_loss weighs it (LlavaModel.loss)
+    patch_classes: tuple[int, ...] = ()
+    patch_loss: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.vision, dict):
@@ -86,6 +91,11 @@ class MLLMConfig:
         validate.boolean("MLLMConfig.freeze_vision", self.freeze_vision)
         validate.boolean("MLLMConfig.projector_norm", self.projector_norm)
         self.image_positions = validate.real("MLLMConfig.image_positions", self.image_positions, 0.0)
+        self.patch_classes = tuple(self.patch_classes)
+        if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 2 for k in self.patch_classes):
+            raise ValueError(f"MLLMConfig.patch_classes must be ints >= 2 (classes per attribute, 'none' included), "
+                             f"got {self.patch_classes!r}")
+        self.patch_loss = validate.real("MLLMConfig.patch_loss", self.patch_loss, 0.0)
         if self.vision.grid % self.pixel_shuffle:
             raise ValueError(f"pixel_shuffle={self.pixel_shuffle} must divide the patch grid {self.vision.grid}")
 
@@ -150,6 +160,7 @@ class LlavaModel(Checkpointable, nn.Module):
         self.image_pos = nn.Parameter(c.image_positions * sincos_2d(g, c.lm.width)) if c.image_positions else None
         if c.freeze_vision:
             self.vision.requires_grad_(False)
+        self.patch_head = nn.Linear(c.lm.width, sum(c.patch_classes)) if c.patch_classes else None  # built last
         self.tokenizer = None  # set by load() to the tokenizer saved with the checkpoint
 
     def train(self, mode: bool = True):
@@ -188,29 +199,64 @@ class LlavaModel(Checkpointable, nn.Module):
         return x
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """Next-token logits (B, T, V). attention_mask (B, T): 1 = real, 0 = pad (either side)."""
+                pixel_values: torch.Tensor | None = None, *, position_ids: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits (B, T, V). attention_mask (B, T): 1 = real, 0 = pad (either side).
+        segment_ids / position_ids (B, T): a packed batch (`minivl.mllm.data.pack_chats`)."""
         T, L = input_ids.shape[-1], self.config.lm.context_length
         if T > L:
             raise ValueError(f"the prompt is {T} tokens after image expansion, more than the context length {L}")
-        return self.lm(inputs_embeds=self.embed_inputs(input_ids, pixel_values), attention_mask=attention_mask)
+        return self.lm(inputs_embeds=self.embed_inputs(input_ids, pixel_values), attention_mask=attention_mask,
+                       position_ids=position_ids, segment_ids=segment_ids)
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """Mean cross-entropy on the assistant's tokens: batch = input_ids, attention_mask,
-        pixel_values, labels (B, T) aligned with input_ids, -100 where there is no loss."""
+        pixel_values, labels (B, T) aligned with input_ids, -100 where there is no loss; a packed
+        batch adds segment_ids and position_ids (`minivl.mllm.data.pack_chats`)."""
         if not isinstance(batch, dict) or not {"input_ids", "labels"} <= set(batch):
             raise TypeError(f"LlavaModel.loss needs a dict with input_ids, labels (and attention_mask, "
                             f"pixel_values), got {sorted(batch) if isinstance(batch, dict) else type(batch).__name__}")
-        logits = self(batch["input_ids"], batch.get("attention_mask"), batch.get("pixel_values"))
-        labels = validate.tensor("batch['labels']", batch["labels"], shape=tuple(logits.shape[:2]), kind="int")
-        targets = labels[:, 1:].to(logits.device).long()  # (B, T-1): token t+1 is predicted at t
-        if validate.on_cpu(targets) and not (targets != -100).any():
+        ids, pixels = batch["input_ids"], batch.get("pixel_values")
+        region = self.patch_head is not None and "patch_labels" in batch and self.config.patch_loss > 0
+        if ids.shape[-1] > self.config.lm.context_length:
+            raise ValueError(f"the batch is {ids.shape[-1]} tokens, more than the context length "
+                             f"{self.config.lm.context_length}")
+        labels = validate.tensor("batch['labels']", batch["labels"], shape=tuple(ids.shape), kind="int")
+        hidden = self.lm(inputs_embeds=self.embed_inputs(ids, pixels), attention_mask=batch.get("attention_mask"),
+                         position_ids=batch.get("position_ids"), segment_ids=batch.get("segment_ids"),
+                         hidden_only=True)  # (B, T, D)
+        targets = labels[:, 1:].to(hidden.device).long()  # (B, T-1): token t+1 is predicted at t
+        scored = targets != -100  # (B, T-1)
+        if validate.on_cpu(targets) and not scored.any():
             raise ValueError("LlavaModel.loss: no assistant token to score (every label is -100)")
-        logits = logits[:, :-1].float()  # (B, T-1, V)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
-        scored = targets != -100
-        acc = ((logits.argmax(-1) == targets) & scored).sum() / scored.sum()
-        return loss, {"token_acc": acc.detach()}
+        # the LM head only where an answer token is predicted (about a tenth of a chat's positions): the same
+        # mean cross-entropy as over all logits with ignore_index, without (B, T, V) logits nobody reads
+        logits = self.lm.lm_head(hidden[:, :-1][scored]).float()  # (M, V)
+        loss = F.cross_entropy(logits, targets[scored])
+        acc = (logits.argmax(-1) == targets[scored]).float().mean()
+        logs = {"token_acc": acc.detach()}
+        if region:
+            tokens = hidden[ids.to(hidden.device) == self.config.image_token_id]  # (n * N, D), images in order
+            part = self.region_loss(tokens.reshape(-1, self.config.num_image_tokens, tokens.shape[-1]),
+                                    batch["patch_labels"])
+            logs["patch_loss"] = part.detach()
+            loss = loss + self.config.patch_loss * part
+        return loss, logs
+
+    def region_loss(self, tokens: torch.Tensor, patch_labels: torch.Tensor) -> torch.Tensor:
+        """The LM's last hidden states at the image tokens (n, N, D) -> the summed cross-entropy of each
+        attribute of `patch_labels` (n, N, K) long (the class under each token's patch block, -100 = ignore)."""
+        c = self.config
+        N, K = c.num_image_tokens, len(c.patch_classes)
+        if not isinstance(patch_labels, torch.Tensor) or tuple(patch_labels.shape) != (tokens.shape[0], N, K):
+            raise ValueError(f"patch_labels must be ({tokens.shape[0]}, {N}, {K}): per image, image token and "
+                             f"attribute, got {tuple(getattr(patch_labels, 'shape', ()))}")
+        logits = self.patch_head(tokens).float()  # (n, N, sum(classes))
+        total = logits.new_zeros(())
+        for k, part in enumerate(logits.split(list(c.patch_classes), -1)):
+            total = total + F.cross_entropy(part.flatten(0, 1), patch_labels[..., k].to(part.device).flatten().long(),
+                                            ignore_index=-100)
+        return total
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()

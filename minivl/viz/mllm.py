@@ -15,10 +15,10 @@ def plot_stage_losses(stages: dict, title: str = "LLaVA-style training: loss per
         h = stages[k]["history"]
         if h:
             ax.plot([offset + r["step"] for r in h], [r["loss"] for r in h], lw=1.2,
-                    label=f"stage {k}: " + ("projector alone, captions" if int(k) == 1 else "projector + LM, chats"))
+                    label=f"stage {k}: " + ("captions" if int(k) == 1 else "chats (instruction tuning)"))
         offset += stages[k]["steps"]
     ax.set_xlabel("step (both stages)")
-    ax.set_ylabel("loss on assistant tokens")
+    ax.set_ylabel("loss (assistant tokens\n+ region term when on)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=10)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from minivl.metrics.vqa import normalize_answer
+from minivl.world import patch_labels  # region targets from a scene graph (shared with the MLLM's region loss)
 
 FIELDS = ("image", "question", "answers")
 
@@ -129,33 +130,6 @@ def load_vqa_v2(folder, questions: str | None = None, annotations: str | None = 
                         "answers": [x["answer"] for x in a["answers"]],
                         "type": a.get("question_type") or a.get("answer_type") or "all"})
     return records
-
-
-def patch_labels(objects, image_size: int, grid: int, attributes: dict, min_cover: float = 0.3) -> np.ndarray:
-    """Region targets from a scene graph: (grid*grid, K) int64, per patch (row-major) and attribute, the
-    class index of the object whose box covers most of the patch, len(classes) ("none") where no box
-    touches it, -100 (ignored) where boxes cover less than `min_cover` of it.
-
-    objects: Shapes World `Obj`s (box = (x1, y1, x2, y2) pixels, x2/y2 exclusive); attributes: {name:
-    classes}, e.g. {"color": world.config.colors, "shape": world.config.shapes, "size": SIZES}."""
-    if image_size % grid:
-        raise ValueError(f"the {grid}-patch grid must divide the image side {image_size}")
-    step = image_size // grid
-    edges = np.arange(grid + 1) * step
-    cover = np.zeros((len(objects), grid, grid))  # (O, gh, gw) share of each patch inside each box
-    for i, o in enumerate(objects):
-        x1, y1, x2, y2 = o.box
-        ox = np.clip(np.minimum(edges[1:], x2) - np.maximum(edges[:-1], x1), 0, None)  # (gw,)
-        oy = np.clip(np.minimum(edges[1:], y2) - np.maximum(edges[:-1], y1), 0, None)  # (gh,)
-        cover[i] = oy[:, None] * ox[None, :] / step ** 2
-    out = np.empty((grid * grid, len(attributes)), dtype=np.int64)
-    best = cover.argmax(0).reshape(-1) if len(objects) else np.zeros(grid * grid, dtype=int)
-    most = cover.max(0).reshape(-1) if len(objects) else np.zeros(grid * grid)
-    for k, (name, classes) in enumerate(attributes.items()):
-        classes = list(classes)
-        ids = np.array([classes.index(getattr(o, name)) for o in objects] or [0])
-        out[:, k] = np.where(most >= min_cover, ids[best], np.where(most > 0, -100, len(classes)))
-    return out
 
 
 class Packer:
