@@ -246,14 +246,16 @@ def generate(decoder: Decoder, input_ids: torch.Tensor | None = None, attention_
         extra = {k: None if v is None else v.repeat_interleave(num_beams, 0) for k, v in extra.items()}
     rules = _Rules(eos=eos_id, pad=pad_id, min_new=min_new_tokens, penalty=repetition_penalty)
     was_training = decoder.training
-    decoder.eval()
+    if was_training:  # (module.train walks every submodule: not twice per call when already in eval mode)
+        decoder.eval()
     try:
         rows = _Rows(decoder, x, mask, seen, extra, use_cache)
         if num_beams > 1:
             return _beam_search(rows, rules, num_beams, max_new_tokens, length_penalty)
         return _sample(rows, rules, max_new_tokens, do_sample, temperature, top_k, top_p, generator)
     finally:
-        decoder.train(was_training)
+        if was_training:
+            decoder.train()
 
 
 def _sample(rows: _Rows, rules: _Rules, max_new: int, do_sample: bool, temperature: float, top_k, top_p,

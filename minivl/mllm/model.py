@@ -273,11 +273,13 @@ class LlavaModel(Checkpointable, nn.Module):
                              f"max_new_tokens={max_new_tokens}, but the context length is {L}; shorten the "
                              f"prompt or ask for at most {max(L - T, 0)} new tokens")
         was = self.training
-        self.eval()
+        if was:  # (module.train walks every submodule: skipped when already in eval mode)
+            self.eval()
         try:
             x = self.embed_inputs(input_ids, pixel_values)  # (B, T, D)
         finally:
-            self.train(was)
+            if was:
+                self.train()
         return generation.generate(self.lm, inputs_embeds=x, attention_mask=attention_mask,
                                    max_new_tokens=max_new_tokens, **kwargs)
 
