@@ -5,7 +5,7 @@ GPT-2 / ViT / CLIP (Radford et al., 2019; Dosovitskiy et al., 2021; Radford et a
 the decoder cross-attention of the original encoder-decoder, which BLIP-style captioners reuse.
 
 This file holds the *only* attention implementation in the package. Self-attention,
-cross-attention to a `memory` (the image), causal masking, key-padding masks, the KV cache used
+cross-attention to a `memory` (the image), causal masking, key-padding masks, packed segments, the KV cache used
 by generation, the attention maps drawn in the notebooks and the one-query "pooled" last block
 CLIP reads its embeddings from are all options of one `Attention` module and one `Transformer`.
 `Transformer.forward` builds the masks once and hands the same prepared mask to every block.
@@ -350,9 +350,10 @@ class Transformer(nn.Module):
         if segment_ids is not None:
             if cache is not None or pool_index is not None:
                 raise ValueError("segment_ids (packing) reads a whole row at once: no cache, no pool_index")
+            packed = segment_mask(segment_ids)  # (B, 1, T, T); checks the type
             if tuple(segment_ids.shape) != (x.shape[0], T):
                 raise ValueError(f"segment_ids must be (B={x.shape[0]}, T={T}), got {tuple(segment_ids.shape)}")
-            packed = segment_mask(segment_ids.to(dev))  # (B, 1, T, T)
+            packed = packed.to(dev)
             mask = packed if mask is None else mask & packed
             mask = mask | ~mask.any(dim=-1, keepdim=True)  # a query that may see nothing sees all (never read)
         if memory_mask is not None:

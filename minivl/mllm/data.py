@@ -171,10 +171,11 @@ def world_batches(world, processor, batch_size: int, stage: int, seed: int = 0, 
     a pure function of (seed, stage, step). In stage 2 a share `world_turns` of the chats carries
     the world's describe/locate turns; the rest are questions only (shorter, more of them).
     ramp_steps > 0: the object-count curriculum of `max_objects_at`. pack=True (stage 2): each
-    scene's exchanges as separate chats packed behind one image (`pack_chats`; `world_turns` is then the
-    share of *batches* whose rows carry the world's turns, so that rows of one batch have similar lengths), so that no answer can
+    scene's exchanges as separate chats packed behind one image (`pack_chats`), so that no answer can
     be read off an earlier turn's text (in one multi-turn chat, "is there a red circle?" after "describe
-    the image" is answered from the description, and the model learns to look less). region_grid > 0 adds
+    the image" is answered from the description, and the model learns to look less); `world_turns` is
+    then the share of *batches* whose rows carry the world's turns, so that the rows of a batch have
+    similar lengths (a batch is padded to its longest row). region_grid > 0 adds
     patch_labels (B, grid^2, 3): the colour, shape and size under each image token's patch block
     (`minivl.world.patch_labels`, row-major as the tokens are), for MLLMConfig.patch_classes."""
     attributes = region_attributes(world)
