@@ -389,6 +389,12 @@ class World:
         return h.hexdigest()
 
 
+def region_attributes(world: "World") -> dict:
+    """What region supervision asks of each patch: {attribute: its classes} (each + "none" in a head);
+    the `attributes` of `patch_labels` (the VQA and MLLM families' region losses)."""
+    return {"color": world.config.colors, "shape": world.config.shapes, "size": SIZES}
+
+
 def patch_labels(objects, image_size: int, grid: int, attributes: dict, min_cover: float = 0.3) -> np.ndarray:
     """Region targets from a scene graph: (grid*grid, K) int64, per patch (row-major) and attribute, the
     class index of the object whose box covers most of the patch, len(classes) ("none") where no box
@@ -417,4 +423,5 @@ def patch_labels(objects, image_size: int, grid: int, attributes: dict, min_cove
 
 
 __all__ = ["VERSION", "PALETTE", "SHAPES", "SPLITS", "QUESTION_TYPES", "WorldConfig", "World",
-           "Scene", "Obj", "Question", "Referring", "DetectionQuery", "shape_mask", "patch_labels"]
+           "Scene", "Obj", "Question", "Referring", "DetectionQuery", "shape_mask", "region_attributes",
+           "patch_labels"]

@@ -180,7 +180,7 @@ def test_packed_chats_score_each_segment_as_if_alone(tiny, world):
 def test_region_supervision_reads_the_lm_states_at_the_image_tokens(world):
     """MLLMConfig.patch_classes: the loss adds patch_loss x the region cross-entropy; with a zero head every class
     is equally likely, so that term is exactly sum(log classes) (one per attribute); wrong labels are refused."""
-    from minivl.mllm.data import region_attributes
+    from minivl.world import region_attributes
     classes = tuple(len(c) + 1 for c in region_attributes(world).values())
     torch.manual_seed(0)
     model = mllm.LlavaModel(mllm.MLLMConfig.preset("tiny", patch_classes=classes, patch_loss=0.5))

@@ -23,7 +23,7 @@ import torch
 
 from minivl.data import image_to_tensor
 from minivl.mllm import chat
-from minivl.world import SIZES, patch_labels
+from minivl.world import patch_labels, region_attributes
 from minivl.world_text import DESCRIBE
 
 COUNT_ALL = "How many objects are there?"  # the world conversation's count turn (a sentence answer)
@@ -150,11 +150,6 @@ def pack_chats(processor, images, chats: list[list[list[dict]]]) -> dict:
     return out
 
 
-def region_attributes(world) -> dict:
-    """What region supervision asks of each image token: {attribute: its classes} (each + "none" in the head)."""
-    return {"color": world.config.colors, "shape": world.config.shapes, "size": SIZES}
-
-
 def max_objects_at(step: int, ramp_steps: int, world) -> int:
     """The curriculum: at most 1 object per scene at step 0, growing linearly to the world's maximum
     at `ramp_steps` (0 = no curriculum). One object first: "what color is the circle?" is then read
@@ -272,6 +267,6 @@ def folder_batches(records: list[dict], processor, batch_size: int, seed: int = 
     return get_batch
 
 
-__all__ = ["region_attributes", "max_objects_at", "caption_chat", "question_chat", "single_turns", "pack_chats", "fit_conversation",
+__all__ = ["max_objects_at", "caption_chat", "question_chat", "single_turns", "pack_chats", "fit_conversation",
            "collate_chats", "world_batches", "load_llava_json", "read_image",
            "write_llava_folder", "folder_batches"]

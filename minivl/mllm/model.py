@@ -200,14 +200,15 @@ class LlavaModel(Checkpointable, nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, *, position_ids: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+                segment_ids: torch.Tensor | None = None, hidden_only: bool = False) -> torch.Tensor:
         """Next-token logits (B, T, V). attention_mask (B, T): 1 = real, 0 = pad (either side).
-        segment_ids / position_ids (B, T): a packed batch (`minivl.mllm.data.pack_chats`)."""
+        segment_ids / position_ids (B, T): a packed batch (`minivl.mllm.data.pack_chats`).
+        hidden_only=True: the LM's final hidden states (B, T, D) instead (`CausalLM.forward`)."""
         T, L = input_ids.shape[-1], self.config.lm.context_length
         if T > L:
             raise ValueError(f"the prompt is {T} tokens after image expansion, more than the context length {L}")
         return self.lm(inputs_embeds=self.embed_inputs(input_ids, pixel_values), attention_mask=attention_mask,
-                       position_ids=position_ids, segment_ids=segment_ids)
+                       position_ids=position_ids, segment_ids=segment_ids, hidden_only=hidden_only)
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """Mean cross-entropy on the assistant's tokens: batch = input_ids, attention_mask,
@@ -216,15 +217,11 @@ class LlavaModel(Checkpointable, nn.Module):
         if not isinstance(batch, dict) or not {"input_ids", "labels"} <= set(batch):
             raise TypeError(f"LlavaModel.loss needs a dict with input_ids, labels (and attention_mask, "
                             f"pixel_values), got {sorted(batch) if isinstance(batch, dict) else type(batch).__name__}")
-        ids, pixels = batch["input_ids"], batch.get("pixel_values")
+        ids = batch["input_ids"]
         region = self.patch_head is not None and "patch_labels" in batch and self.config.patch_loss > 0
-        if ids.shape[-1] > self.config.lm.context_length:
-            raise ValueError(f"the batch is {ids.shape[-1]} tokens, more than the context length "
-                             f"{self.config.lm.context_length}")
-        labels = validate.tensor("batch['labels']", batch["labels"], shape=tuple(ids.shape), kind="int")
-        hidden = self.lm(inputs_embeds=self.embed_inputs(ids, pixels), attention_mask=batch.get("attention_mask"),
-                         position_ids=batch.get("position_ids"), segment_ids=batch.get("segment_ids"),
-                         hidden_only=True)  # (B, T, D)
+        hidden = self(ids, batch.get("attention_mask"), batch.get("pixel_values"), position_ids=batch.get("position_ids"),
+                      segment_ids=batch.get("segment_ids"), hidden_only=True)  # (B, T, D)
+        labels = validate.tensor("batch['labels']", batch["labels"], shape=tuple(hidden.shape[:2]), kind="int")
         targets = labels[:, 1:].to(hidden.device).long()  # (B, T-1): token t+1 is predicted at t
         scored = targets != -100  # (B, T-1)
         if validate.on_cpu(targets) and not scored.any():

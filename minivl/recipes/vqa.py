@@ -35,7 +35,7 @@ from minivl.recipes import Recipe, choose, fit, folders, run_cli, run_record, st
 from minivl.vqa import (Packer, ViltConfig, ViltForQuestionAnswering, answer_vocabulary, check_records,
                         count_confusion, load_image, load_vqa_v2, patch_labels, predict_scenes, records_to_scenes,
                         score, world_scenes)
-from minivl.world import SIZES, World
+from minivl.world import World, region_attributes
 
 
 @dataclass(frozen=True)
@@ -136,11 +136,6 @@ LEVER_LOG = [
     dict(lever="reference: question-only prior (no image)", steps=None, minutes=0.0, overall=0.373),
     dict(lever="reference: late fusion, frozen CLIP + MLP (1,000 test scenes)", steps=600, minutes=0.5, overall=0.598),
 ]
-
-
-def region_attributes(world: World) -> dict:
-    """What region supervision asks of each patch: {attribute: its classes} (each + "none" in the head)."""
-    return {"color": world.config.colors, "shape": world.config.shapes, "size": SIZES}
 
 
 def make_batches(world: World, packer: Packer, batch_size: int, single_object=(0.5, 0.0), seed: int = 0,
