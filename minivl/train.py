@@ -26,6 +26,8 @@ Conventions:
   loss that is a mean over samples the update is one process's on the whole batch (details, and a
   model's own `split_batch`: `minivl.distributed`; CLIP's loss is no such mean: `CLIP.split_batch`).
   The batch stream, hence resume, does not depend on W or the accumulation.
+- `TrainConfig.workers` > 0 draws a callable's batches ahead in that many processes
+  (`minivl.prefetch`): the same batches, so the same run, while a GPU trains on the current one.
 - The host waits for the device once per log window (and at evals and checkpoints), not every
   step: losses and logs stay tensors until then. A non-finite loss or gradient norm is found there,
   named by its step, before the window's last update and before any checkpoint is written (with
@@ -66,6 +68,7 @@ from minivl import distributed
 from minivl.checkpoint import WEIGHTS, atomic_dir, load_state, load_state_dict_checked, read_tensors, resolve, \
     save_state, write_json, write_model_files
 from minivl.distributed import split_batch, to_device
+from minivl.prefetch import Prefetch
 from minivl.optim import apply_freeze, check_group_options, check_prefixes, lr_at, make_optimizer, param_groups
 from minivl.progress import LineProgress, progress_bar
 from minivl.resume import StepBoundaries, StepSampler, checkpoint_progress, rng_state, set_rng_state
@@ -92,10 +95,12 @@ class TrainConfig:
     #                              the scheduled lr, e.g. {"head": 10.0}; the longest matching prefix wins
     freeze: tuple[str, ...] = ()  # parameter-name prefixes kept fixed (requires_grad=False, no optimizer
     #                               state), e.g. ("visual", "lm"); a longer lr_scale prefix trains again
+    workers: int = 0  # processes drawing get_batch(step) ahead (minivl.prefetch); the same batches, so
+    #                   the same run: 0 on a 2-core CPU, several where a GPU would wait for the data
 
     def __post_init__(self):
         lows = {"steps": 1, "log_every": 1, "warmup_steps": 0, "eval_every": 0, "ckpt_every": 0, "seed": 0,
-                "accumulation_steps": 1}
+                "accumulation_steps": 1, "workers": 0}
         for name, low in lows.items():
             if not isinstance(getattr(self, name), int) or getattr(self, name) < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {getattr(self, name)!r}")
@@ -134,7 +139,7 @@ class History:
 # TrainConfig fields a resumed run may change: more `steps` trains longer (the cosine schedule then spans
 # the new total, so the lr from the saved step on differs from the old plan), and how often to log, evaluate,
 # checkpoint or show progress changes no update. Any other field would make a different run: refused.
-RESUMABLE = ("steps", "progress", "log_every", "eval_every", "ckpt_every")
+RESUMABLE = ("steps", "progress", "log_every", "eval_every", "ckpt_every", "workers")
 
 _META = ("step", "lr", "seconds", "samples")  # per-step bookkeeping in a log window, not averaged
 _LOCAL = (*_META, "grad_norm")  # the same on every rank (grad_norm is taken after the all-reduce): not summed
@@ -223,6 +228,8 @@ class Trainer:
                 distributed.barrier(self.device)  # the files are written when any rank's fit returns
         finally:
             bar.close()
+            if isinstance(get_batch, Prefetch):
+                get_batch.close()
         return self.history
 
     def _eval_due(self, step: int) -> bool:
@@ -380,6 +387,8 @@ class Trainer:
 
     def _batch_source(self, start: int) -> Callable:
         if callable(self.batches):
+            if self.config.workers and start < self.config.steps:
+                return Prefetch(self.batches, start, self.config.steps, self.config.workers)
             return self.batches
         sampler = getattr(self.batches, "batch_sampler", None)
         skip = start

@@ -510,3 +510,37 @@ def test_training_without_a_terminal_logs_a_line_every_few_percent(capsys):
     Trainer(model(), get_batch, cfg(steps=40, progress=True), device="cpu").fit()
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("train:")]
     assert len(lines) == 20 and lines[-1].startswith("train: 40/40 (100%) | loss ")
+
+
+def test_workers_draw_the_same_batches_so_the_run_and_its_resume_are_the_same(tmp_path, reference):
+    """TrainConfig.workers: batches drawn ahead in processes are get_batch(step)'s own (minivl.prefetch)."""
+    ref_losses, ref_model = reference
+    m = model()
+    assert losses(Trainer(m, get_batch, cfg(workers=2), device="cpu").fit()) == ref_losses
+    assert_same_weights(m, ref_model)
+    def batches(step):  # Ctrl-C before step 5 with no workers, then resumed with two
+        if step == 5:
+            raise KeyboardInterrupt
+        return get_batch(step)
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(model(), batches, cfg(), out_dir=tmp_path, device="cpu").fit()
+    resumed = Trainer(model(seed=99), get_batch, cfg(workers=2), out_dir=tmp_path, device="cpu")
+    history = resumed.fit(resume_from=tmp_path / "checkpoint")
+    assert losses(history) == ref_losses
+    assert_same_weights(resumed.model, ref_model)
+
+
+def test_prefetch_gives_each_steps_batch_in_order_and_out_of_order():
+    from minivl.prefetch import Prefetch
+    fetch = Prefetch(get_batch, 2, 9, workers=2)
+    try:
+        for step in (2, 3, 3, 4, 7, 8, 8, 5):  # a redone step, a jump ahead, the last step, a jump back
+            got, want = fetch(step), get_batch(step)
+            assert all(torch.equal(got[k], want[k]) for k in want), step
+    finally:
+        fetch.close()
+    with pytest.raises(ValueError, match="workers must be an int >= 1"):
+        Prefetch(get_batch, 0, 4, workers=0)
+    with pytest.raises(ValueError, match="workers must be an int >= 0"):
+        cfg(workers=-1)

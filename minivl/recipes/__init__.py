@@ -42,6 +42,7 @@ class Recipe:
     weight_decay: float  # decoupled weight decay on weight matrices
     eval_every: int = 0  # quick evaluations during training (0 = only the full one at the end)
     bf16: bool = False  # bf16 autocast on CUDA (the gpu presets); CPU stays fp32 unless --bf16
+    workers: int = 0  # processes drawing the next batches (the gpu presets: scenes are drawn on the CPU)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size"):
@@ -89,7 +90,8 @@ def train_config(recipe: Recipe, seed: int, progress: bool, bf16: bool = False, 
     return TrainConfig(steps=recipe.steps, lr=recipe.lr, weight_decay=recipe.weight_decay,
                        warmup_steps=min(recipe.warmup_steps, recipe.steps // 5),
                        bf16=True if bf16 else (None if recipe.bf16 else False),
-                       eval_every=recipe.eval_every, log_every=10, seed=seed, progress=progress, **groups)
+                       eval_every=recipe.eval_every, log_every=10, seed=seed, progress=progress,
+                       workers=recipe.workers, **groups)
 
 
 # ---------------------------------------------------------------- data every family draws the same way

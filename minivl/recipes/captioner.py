@@ -79,8 +79,11 @@ RECIPES = {
     "cpu": CaptionerRecipe(steps=2400, batch_size=48, lr=5e-3, warmup_steps=100, weight_decay=0.05, phrasings=(0,),
                            temperature_lr_scale=0.05, grad_clip=5.0, lm_finetune_share=0.75,
                            finetune_matching_weight=0.1),
-    "gpu": CaptionerRecipe(steps=6000, batch_size=256, lr=5e-4, warmup_steps=300, weight_decay=0.05,
-                           eval_scenes=2000, heldout_scenes=1000, match_scenes=1000, bf16=True),
+    # the cpu recipe's schedule (one phrasing, the slow temperature, the LM-led fine-tune) at a 384-wide model's lr
+    "gpu": CaptionerRecipe(steps=6000, batch_size=256, lr=1e-3, warmup_steps=300, weight_decay=0.05, phrasings=(0,),
+                           temperature_lr_scale=0.05, grad_clip=5.0, lm_finetune_share=0.75,
+                           finetune_matching_weight=0.1, eval_scenes=2000, heldout_scenes=1000, match_scenes=1000,
+                           bf16=True, workers=8),
 }
 FAST_STEPS = 8  # what a notebook trains in fast mode (MINIVL_FAST=1), on the tiny preset
 

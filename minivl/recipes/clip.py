@@ -49,7 +49,7 @@ RECIPES = {
                        heldout_images=50, retrieval_scenes=100, probe_images=200),
     "cpu": CLIPRecipe(steps=1600, batch_size=128, lr=2e-3, warmup_steps=100, weight_decay=0.1, eval_every=400),
     "gpu": CLIPRecipe(steps=6000, batch_size=512, lr=1e-3, warmup_steps=300, weight_decay=0.1, eval_every=1000,
-                      eval_images=2000, heldout_images=1000, probe_images=5000, bf16=True),
+                      eval_images=2000, heldout_images=1000, probe_images=5000, bf16=True, workers=8),
 }
 FAST_STEPS = 15  # what a notebook trains in fast mode (MINIVL_FAST=1), on the tiny preset
 

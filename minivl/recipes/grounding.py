@@ -66,7 +66,7 @@ RECIPES = {
     "cpu": GroundingRecipe(steps=2900, batch_size=32, lr=3e-3, warmup_steps=100, weight_decay=0.05),
     "cpu-long": GroundingRecipe(steps=5000, batch_size=32, lr=3e-3, warmup_steps=100, weight_decay=0.05),
     "gpu": GroundingRecipe(steps=6000, batch_size=128, lr=5e-4, warmup_steps=300, weight_decay=0.05,
-                           eval_scenes=1000, referring_scenes=500, bf16=True),
+                           eval_scenes=1000, referring_scenes=500, bf16=True, workers=8),
 }
 # the parameters OWLViT adds to CLIP's towers
 HEADS = ("box_head", "box_detail", "class_head", "layer_norm", "fusion", "class_pos")

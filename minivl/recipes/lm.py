@@ -43,7 +43,7 @@ RECIPES = {
     "tiny": LMRecipe(steps=40, batch_size=16, lr=3e-3, warmup_steps=5, weight_decay=0.1, val_scenes=25),
     "cpu": LMRecipe(steps=600, batch_size=32, lr=2e-3, warmup_steps=50, weight_decay=0.1, eval_every=200),
     "gpu": LMRecipe(steps=4000, batch_size=256, lr=1e-3, warmup_steps=200, weight_decay=0.1, val_scenes=1000,
-                    eval_every=1000, bf16=True),
+                    eval_every=1000, bf16=True, workers=8),
 }
 FAST_STEPS = 10  # what a notebook trains in fast mode (MINIVL_FAST=1), on the tiny preset
 PROMPTS = ["", "there are", "two", "a large", "a red circle", "a blue square on the left,"]

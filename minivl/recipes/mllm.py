@@ -98,8 +98,10 @@ RECIPES = {
     "cpu-64tok": MLLMRecipe(steps=1170, batch_size=32, lr=1.5e-3, warmup_steps=30, weight_decay=0.0, stage1_share=0.385,
                             stage1_lr=3e-3, ramp=0.5, stage1_train=("lm",), n_questions=4, world_turns=0.3, pack=True,
                             region_loss=1.0, pixel_shuffle=1, eval_test=500, eval_heldout=200, eval_other=200),
-    "gpu": MLLMRecipe(steps=6000, batch_size=128, lr=5e-4, warmup_steps=200, weight_decay=0.0, model="gpu",
-                      parts="gpu", bf16=True),
+    # the cpu recipe's packing, region supervision and stage-1 LM training, at a 384-wide model's lr
+    "gpu": MLLMRecipe(steps=6000, batch_size=128, lr=1e-3, warmup_steps=200, weight_decay=0.0, model="gpu",
+                      stage1_share=0.3, stage1_lr=2e-3, ramp=0.4, stage1_train=("lm",), n_questions=4, world_turns=0.3,
+                      pack=True, region_loss=1.0, parts="gpu", bf16=True, workers=8),
 }
 FAST_STEPS = 6  # what a notebook trains in fast mode (MINIVL_FAST=1), on the tiny preset
 STAGES = ("1", "2", "both")

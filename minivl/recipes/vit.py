@@ -50,7 +50,7 @@ RECIPES = {
                       eval_images=200, heldout_images=100),
     "cpu": ViTRecipe(steps=1200, batch_size=128, lr=3e-3, warmup_steps=100, weight_decay=0.05, eval_every=300),
     "gpu": ViTRecipe(steps=3000, batch_size=256, lr=1e-3, warmup_steps=200, weight_decay=0.05, eval_every=500,
-                     eval_images=5000, heldout_images=2000, bf16=True),
+                     eval_images=5000, heldout_images=2000, bf16=True, workers=8),
 }
 FAST_STEPS = 30  # what a notebook trains in fast mode (MINIVL_FAST=1), on the tiny preset
 

@@ -71,7 +71,7 @@ RECIPES = {
     "cpu-long": VQARecipe(steps=8000, batch_size=8, lr=1e-3, warmup_steps=200, weight_decay=0.05, eval_every=2000,
                           objects_ramp=0.5, patch_loss=1.0),
     "gpu": VQARecipe(steps=6000, batch_size=64, lr=1e-3, warmup_steps=300, weight_decay=0.05, eval_every=1000,
-                     eval_scenes=2000, heldout_scenes=1000, objects_ramp=0.5, bf16=True),
+                     eval_scenes=2000, heldout_scenes=1000, objects_ramp=0.5, patch_loss=1.0, bf16=True, workers=8),
 }
 FAST_STEPS = 12  # what a notebook trains in fast mode (MINIVL_FAST=1), on the tiny preset
 
@@ -231,13 +231,16 @@ def init_from_clip(config: ViltConfig, clip_model) -> tuple[ViltConfig, dict | N
     return config, clip_model.visual.state_dict()
 
 
-def _baseline(world, train_scenes, tables: dict, sets: dict, answers, recipe, details: dict) -> str:
-    """Train the late-fusion baseline on frozen CLIP features; add its per-type tables. -> the CLIP used."""
+def _baseline(world, train_scenes, tables: dict, sets: dict, answers, recipe, details: dict,
+              preset: str = "cpu") -> str:
+    """Train the late-fusion baseline on frozen CLIP features; add its per-type tables. -> the CLIP used
+    (clip-<preset> when trained, else clip-cpu, else clip-tiny)."""
     from minivl import clip as clip_lib
     from minivl.vqa.baseline import ClipFeatures, predict_late_fusion, train_late_fusion
-    clip_model, used = _load_clip("clip-cpu")
-    if clip_model is None:
-        clip_model, used = _load_clip("clip-tiny")
+    clip_model = None
+    for name in dict.fromkeys((f"clip-{preset}", "clip-cpu", "clip-tiny")):
+        if clip_model is None:
+            clip_model, used = _load_clip(name)
     if clip_model is None:  # no CLIP trained here yet: a random tower, said so in the metrics
         minivl.seed_everything(0)
         clip_model, used = clip_lib.CLIP(clip_lib.CLIPConfig.preset("tiny")).eval(), "random tiny CLIP (no checkpoint)"
@@ -340,7 +343,7 @@ def run(preset: str = "cpu", steps: int | None = None, device=None, out=None, se
     used = None
     if baseline and not own:
         train_scenes = world_scenes(world, "train", recipe.baseline_scenes, offset=10**9)
-        used = _baseline(world, train_scenes, tables, sets, answers, recipe, details)
+        used = _baseline(world, train_scenes, tables, sets, answers, recipe, details, preset)
     result = {**run_record(preset, recipe, trainer, history, timing, config=config, world=world,
                            checkpoint=ckpt_dir, run_dir=run_dir),
               "data": "own" if own else "shapes-world", "answers": len(answers), "baseline_clip": used,
