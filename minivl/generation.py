@@ -285,58 +285,73 @@ def _sample(rows: _Rows, rules: _Rules, max_new: int, do_sample: bool, temperatu
 
 
 def _beam_search(rows: _Rows, rules: _Rules, K: int, max_new: int, length_penalty: float) -> torch.Tensor:
-    """Beam search over rows = B prompts x K beams; per prompt, the best finished hypothesis."""
+    """Beam search over rows = B prompts x K beams; per prompt, the best finished hypothesis.
+
+    All bookkeeping stays on the device as (B, ...) tensors, so a step costs one host sync (are all
+    prompts done?) however many prompts and beams there are. Per prompt and step: the 2K best
+    (beam, token) candidates, in score order; an eos candidate ranked before the K-th running one
+    joins the prompt's K best finished hypotheses; the first K others are the new beams.
+    """
     logits = rows.start()  # (B*K, V)
     (BK, V), dev, inf = logits.shape, logits.device, float("-inf")
-    B = BK // K
-    scores = [[0.0] + [inf] * (K - 1) for _ in range(B)]  # all beams start equal: only the first expands
+    B, T = BK // K, max_new + 1
+    scores = torch.full((B, K), inf, device=dev)
+    scores[:, 0] = 0.0  # all beams start equal: only the first expands
     tokens = torch.empty(BK, 0, dtype=torch.long, device=dev)
-    finished = [[] for _ in range(B)]  # per prompt: (normalised score, tokens) ending in eos
-    done = [False] * B
+    fin_scores = torch.full((B, K), inf, device=dev)  # per prompt: its K best hypotheses ending in eos,
+    fin_tokens = torch.full((B, K, T), rules.pad, dtype=torch.long, device=dev)  # best first
+    fin_len = torch.zeros(B, K, dtype=torch.long, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    base = torch.arange(B, device=dev)[:, None] * K  # (B, 1): each prompt's first row
+    rank = torch.arange(2 * K, device=dev)  # (2K,)
 
-    norm = lambda score, n: score / n**length_penalty  # noqa: E731 (the ranking of Wu et al., simplified)
+    def norm(score, n):  # the ranking of Wu et al., simplified
+        return score / n**length_penalty
+
     for step in range(max_new):
-        logp = rules(logits, rows.seen, step, log_probs=True)  # (B*K, V)
-        cand = (torch.tensor(scores, device=dev).reshape(BK, 1) + logp).reshape(B, K * V)
-        top, idx = cand.topk(2 * K, dim=1)  # 2K: even if K of them end in eos, K beams go on
-        src = [[b * K + k for k in range(K)] for b in range(B)]  # which row each new beam continues
-        new_tok = [[rules.pad] * K for _ in range(B)]
-        new_scores = [[inf] * K for _ in range(B)]
-        for b, (row_scores, row_idx) in enumerate(zip(top.tolist(), idx.tolist())):
-            if done[b]:
-                continue
-            j = 0
-            for s, i in zip(row_scores, row_idx):
-                if s == inf or j == K:
-                    break
-                beam, tok = divmod(i, V)
-                if tok == rules.eos:
-                    finished[b].append((norm(s, step + 1), tokens[b * K + beam].tolist() + [tok]))
-                else:
-                    new_scores[b][j], src[b][j], new_tok[b][j] = s, b * K + beam, tok
-                    j += 1
-            finished[b] = sorted(finished[b], key=lambda h: -h[0])[:K]
-            # Stop only when no running beam can still beat the K-th finished one: log-probs only
-            # fall, so the best a beam can reach is its sum now at the most favourable length.
-            length = max_new if length_penalty > 0 else step + 2
-            if j == 0 or (len(finished[b]) == K and finished[b][-1][0] >= norm(new_scores[b][0], length)):
-                done[b] = True
-        index = torch.tensor(src, device=dev).flatten()  # (B*K,)
-        new = torch.tensor(new_tok, device=dev).flatten()  # (B*K,)
+        logp = rules(logits, rows.seen, step, log_probs=True).float()  # (B*K, V)
+        cand = (scores.reshape(BK, 1) + logp).reshape(B, K * V)
+        top, idx = cand.topk(2 * K, dim=1)  # (B, 2K) in score order; 2K: even if K end in eos, K go on
+        top = top.masked_fill(done[:, None], inf)  # a finished prompt takes nothing more
+        beam, tok = idx // V, idx % V  # (B, 2K)
+        valid, eos = top > inf, tok == rules.eos
+        running = valid & ~eos
+        before = running.cumsum(1) - running.long()  # running candidates ranked above each one
+        ends = valid & eos & (before < K)  # eos candidates the loop reaches before K beams are full
+        # the new beams: the first K running candidates; unfilled slots keep their row, pad, score -inf
+        key = torch.where(running, rank, 2 * K + rank)  # (B, 2K): running ones first, in score order
+        pick = key.argsort(1)[:, :K]  # (B, K)
+        took = running.gather(1, pick)  # (B, K)
+        new_scores = top.gather(1, pick).masked_fill(~took, inf)
+        src = torch.where(took, base + beam.gather(1, pick), base + rank[:K])  # (B, K) rows continued
+        new_tok = torch.where(took, tok.gather(1, pick), rules.pad)  # (B, K)
+        # finished: the K best of the old ones and this step's (old first, so ties keep the old)
+        seqs = torch.cat([tokens[base + beam].reshape(B, 2 * K, step), tok[..., None]], 2)  # (B, 2K, step + 1)
+        seqs = F.pad(seqs, (0, T - step - 1), value=rules.pad)  # (B, 2K, T)
+        pool = torch.cat([fin_scores, norm(top, step + 1).masked_fill(~ends, inf)], 1)  # (B, 3K)
+        order = pool.sort(dim=1, descending=True, stable=True).indices[:, :K]  # (B, K)
+        fin_scores = pool.gather(1, order)
+        fin_tokens = torch.cat([fin_tokens, seqs], 1).gather(1, order[..., None].expand(B, K, T))
+        fin_len = torch.cat([fin_len, torch.full_like(top, step + 1, dtype=torch.long)], 1).gather(1, order)
+        # Stop a prompt only when no running beam can still beat its K-th finished one: log-probs only
+        # fall, so the best a beam can reach is its sum now at the most favourable length.
+        length = max_new if length_penalty > 0 else step + 2
+        done = done | ~took[:, 0] | ((fin_scores[:, -1] > inf) & (fin_scores[:, -1] >= norm(new_scores[:, 0], length)))
+        index, new = src.flatten(), new_tok.flatten()  # (B*K,)
         tokens, scores = torch.cat([tokens[index], new[:, None]], 1), new_scores  # (B*K, step + 1)
-        if all(done) or step == max_new - 1:
+        if step == max_new - 1 or bool(done.all()):  # the one host sync of the step
             break
         rows.reorder(index)
         logits = rows.append(new)
-    for b in range(B):  # beams still running at the end compete with the finished ones
-        if not done[b]:
-            finished[b] += [(norm(s, tokens.shape[1]), tokens[b * K + k].tolist())
-                            for k, s in enumerate(scores[b]) if s > inf]
-    best = [max(f, key=lambda h: h[0])[1] for f in finished]
-    out = torch.full((B, max(map(len, best))), rules.pad, dtype=torch.long, device=dev)
-    for b, seq in enumerate(best):
-        out[b, :len(seq)] = torch.tensor(seq, device=dev)
-    return out  # (B, T_new)
+    # beams still running at the end compete with the finished ones (finished first: ties keep them)
+    n = tokens.shape[1]
+    live = norm(scores, n).masked_fill(done[:, None], inf)  # (B, K)
+    pool = torch.cat([fin_scores, live], 1)  # (B, 2K)
+    seqs = torch.cat([fin_tokens, F.pad(tokens.reshape(B, K, n), (0, T - n), value=rules.pad)], 1)  # (B, 2K, T)
+    lengths = torch.cat([fin_len, torch.full_like(fin_len, n)], 1)  # (B, 2K)
+    best = pool.argmax(1)  # (B,): the first of the best
+    out = seqs[torch.arange(B, device=dev), best]  # (B, T)
+    return out[:, :int(lengths.gather(1, best[:, None]).max())]  # (B, T_new)
 
 
 @torch.no_grad()
