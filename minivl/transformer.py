@@ -29,27 +29,48 @@ class KVCache:
 
     Self-attention appends one step at a time; cross-attention fills it once with the
     projected memory (the image) and then only reads it. `reorder` follows beam search.
+    Appends write into a buffer with room to spare (doubled when full) instead of concatenating
+    a new tensor every step: decoding n tokens copies O(n) positions in all, not O(n^2).
     """
 
     def __init__(self) -> None:
-        self.k: torch.Tensor | None = None  # (B, H, S, Dh)
-        self.v: torch.Tensor | None = None  # (B, H, S, Dh)
+        self._k: torch.Tensor | None = None  # (B, H, capacity, Dh): the first `n` positions are filled
+        self._v: torch.Tensor | None = None
+        self.n = 0
+
+    @property
+    def k(self) -> torch.Tensor | None:
+        return None if self._k is None else self._k[:, :, :self.n]  # (B, H, S, Dh)
+
+    @property
+    def v(self) -> torch.Tensor | None:
+        return None if self._v is None else self._v[:, :, :self.n]  # (B, H, S, Dh)
 
     def __len__(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
+        return self.n
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k is None:
-            self.k, self.v = k, v
-        else:
-            self.k = torch.cat([self.k, k], dim=2)  # (B, H, S + T, Dh)
-            self.v = torch.cat([self.v, v], dim=2)
+        T = k.shape[2]
+        if self._k is None:  # the first call (the prompt, or the memory): kept as it is, no copy
+            self._k, self._v, self.n = k, v, T
+            return k, v
+        if torch.is_grad_enabled() and (k.requires_grad or self._k.requires_grad):  # in place would break backward
+            self._k, self._v = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2)
+            self.n += T
+            return self._k, self._v
+        if self.n + T > self._k.shape[2]:  # no room: a buffer twice the size, the filled part copied over
+            room = max(2 * self._k.shape[2], self.n + T)
+            self._k, self._v = (torch.cat([x[:, :, :self.n], x.new_empty(*x.shape[:2], room - self.n, x.shape[3])], 2)
+                                for x in (self._k, self._v))
+        self._k[:, :, self.n:self.n + T] = k
+        self._v[:, :, self.n:self.n + T] = v
+        self.n += T
         return self.k, self.v
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep batch rows `index` (beam search picks which hypotheses continue)."""
-        if self.k is not None:
-            self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+        if self._k is not None:
+            self._k, self._v = self._k.index_select(0, index), self._v.index_select(0, index)
 
 
 @dataclass

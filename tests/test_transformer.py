@@ -123,33 +123,40 @@ def test_left_padding_with_causal_mask_is_finite_and_invariant():
     torch.testing.assert_close(out[:, 2:], alone, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("grad", [False, True])  # decoding (a buffer written in place) / with autograd (concat)
 @pytest.mark.parametrize("cross", [False, True])
-def test_kv_cache_equals_full_recomputation(cross):
+def test_kv_cache_equals_full_recomputation(cross, grad):
     model = _model(cross=cross)
     x = torch.randn(2, 9, 32)
     mem = torch.randn(2, 6, 16) if cross else None
     full = model(x, causal=True, memory=mem).last_hidden_state
     cache = model.new_cache()
-    steps = [model(x[:, :4], causal=True, memory=mem, cache=cache).last_hidden_state]  # prompt at once
-    for t in range(4, 9):  # then one token at a time
-        steps.append(model(x[:, t:t + 1], causal=True, memory=mem, cache=cache).last_hidden_state)
+    with torch.set_grad_enabled(grad):
+        steps = [model(x[:, :4], causal=True, memory=mem, cache=cache).last_hidden_state]  # prompt at once
+        for t in range(4, 9):  # then one token at a time: the buffer grows 4 -> 8 -> 16 positions
+            steps.append(model(x[:, t:t + 1], causal=True, memory=mem, cache=cache).last_hidden_state)
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
-    assert len(cache[0].self_attn) == 9
+    assert len(cache[0].self_attn) == 9 and cache[0].self_attn.k.shape[2] == 9
+    if grad:
+        torch.cat(steps, 1).sum().backward()  # the cache keeps the graph intact
+        assert all(p.grad is not None for p in model.parameters())
     if cross:
         assert len(cache[0].cross_attn) == 6  # projected once, not re-appended every step
 
 
+@torch.no_grad()
 def test_kv_cache_reorder_follows_beams():
     model = _model()
-    x = torch.randn(3, 5, 32)
+    x = torch.randn(3, 7, 32)
     cache = model.new_cache()
     model(x[:, :4], causal=True, cache=cache)
+    model(x[:, 4:5], causal=True, cache=cache)  # into a grown buffer: reorder moves its spare room too
     idx = torch.tensor([2, 0, 0])
     for layer in cache:
         layer.reorder(idx)
-    step = model(x[idx, 4:5], causal=True, cache=cache).last_hidden_state
-    full = model(x[idx], causal=True).last_hidden_state[:, 4:5]
-    torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
+    steps = [model(x[idx, t:t + 1], causal=True, cache=cache).last_hidden_state for t in (5, 6)]
+    full = model(x[idx], causal=True).last_hidden_state[:, 5:7]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
 def test_build_mask_is_bottom_right_aligned():
