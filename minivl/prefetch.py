@@ -51,7 +51,9 @@ class Prefetch:
         context = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
         loader = torch.utils.data.DataLoader(_Steps(self.get_batch, start, self.stop), batch_size=None,
                                              shuffle=False, num_workers=self.workers,
-                                             prefetch_factor=self.prefetch_factor, multiprocessing_context=context)
+                                             prefetch_factor=self.prefetch_factor, multiprocessing_context=context,
+                                             generator=torch.Generator().manual_seed(0))  # not the global RNG: a
+        # restart mid-run must not move the dropout masks of the steps after it (batches use their own RNGs)
         self._it, self._next = iter(loader), start
 
     def __call__(self, step: int):
