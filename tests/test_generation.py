@@ -121,6 +121,28 @@ def test_beam_search_with_one_beam_is_greedy():
 
 
 # ---------------------------------------------------------------- beam search
+def test_beam_search_syncs_with_the_host_once_per_step(monkeypatch):
+    """On a GPU every read of a device value into Python waits for the device: beam search's bookkeeping
+    stays in tensors, so its own code reads one value per step (are all prompts done?), not one per
+    prompt or hypothesis."""
+    import sys
+    reads = []
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, **k):
+            if sys._getframe(1).f_code.co_filename == generation.__file__:
+                reads.append(1)
+            return _real(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    lm, (ids, mask) = _lm(), _left(*_prompts())
+    x, mask, _ = generation._prepare_prompt(lm, ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0), None)
+    rows = generation._Rows(lm, x, mask, torch.zeros(12, 300, dtype=torch.bool), {}, use_cache=True)
+    reads.clear()  # the prompt's checks above read values too: count the search alone
+    out = generation._beam_search(rows, generation._Rules(eos=EOS, pad=PAD), 4, 10, length_penalty=1.0)
+    assert out.shape[0] == 3 and 0 < len(reads) <= 10 + 1  # 10 steps, and the output's length
+
+
 def test_beam_search_finds_the_sequence_greedy_misses_on_a_known_decoder():
     toy, bos = Bigram(), torch.tensor([[BOS]])
     assert generate(toy, bos, max_new_tokens=2).tolist() == [[A, A]]  # p = 0.6 * 0.36 = 0.216
