@@ -138,7 +138,8 @@ class History:
 
 # TrainConfig fields a resumed run may change: more `steps` trains longer (the cosine schedule then spans
 # the new total, so the lr from the saved step on differs from the old plan), and how often to log, evaluate,
-# checkpoint or show progress changes no update. Any other field would make a different run: refused.
+# checkpoint or show progress changes no update, nor does how many workers draw the batches. Any other field
+# would make a different run: refused.
 RESUMABLE = ("steps", "progress", "log_every", "eval_every", "ckpt_every", "workers")
 
 _META = ("step", "lr", "seconds", "samples")  # per-step bookkeeping in a log window, not averaged
