@@ -87,17 +87,26 @@ RECIPES = {
     # POPE F1 0.887 (on 1,000 scenes at 2 threads: 65.0%, POPE F1 0.901, but 5.6 min). This preset, 450 + 720, fits
     # the 5 minutes; its figures on 1,000 scenes: README, Measured. Seeds differ: seed 0 63.6% (1,000 scenes), POPE F1
     # 0.894; seeds 1 / 2 (300 scenes, 1 thread) 57.8% / 62.7%, POPE F1 0.652 / 0.780 (exists and count learnt less)
+    # The tower is read at hidden state 2 of 4 (vision_layer=2), not LLaVA's penultimate (3 of 4): a small contrastive
+    # tower's last blocks serve its pooled token, and the middle one keeps more of each patch. Screens (300 test scenes,
+    # 1 thread; seeds 0 / 1): layer 3 59.1% / 63.3%, POPE F1 0.651 / 0.862; layer 2 64.7% / 62.5%, F1 0.904 / 0.896;
+    # layer 1 61.1% (shape 53%); a random frozen tower 50.3%; 64 tokens (pixel_shuffle=1, layer 3) 65.8%, F1 0.898,
+    # 1.5x the time. On 1,000 scenes at 2 threads, seed 0: layer 3 63.6% / F1 0.894, layer 2 64.2% / F1 0.898
     "cpu": MLLMRecipe(steps=1170, batch_size=32, lr=1.5e-3, warmup_steps=30, weight_decay=0.0, stage1_share=0.385,
                       stage1_lr=3e-3, ramp=0.5, stage1_train=("lm",), n_questions=4, world_turns=0.3, pack=True,
-                      region_loss=1.0),
-    # the cpu recipe, longer (not re-measured with packing and region supervision)
+                      region_loss=1.0, vision_layer=2),
+    # the cpu recipe, longer (the tower read at its default layer, -2): 77.7% answers on 1,000 test scenes (colour
+    # 95.1%, shape 92.1%, count 82.7%, exists 93.4%, position 66.3%; relation 48.5%, closest 50.6%, furthest 49.6%:
+    # chance), held-out 67.3%, POPE F1 0.936 / yes-ratio 0.51, captions 51.3% exact, in 25.1 min on 1 thread with a
+    # job on the other core (the issue asks <= 20 min and >= 90% on every type: not met)
     "cpu-long": MLLMRecipe(steps=3600, batch_size=32, lr=1.5e-3, warmup_steps=60, weight_decay=0.0, stage1_share=0.3,
                            stage1_lr=3e-3, ramp=0.4, stage1_train=("lm",), n_questions=4, world_turns=0.3, pack=True,
                            region_loss=1.0),
     # every patch its own token (64 instead of 16): the pixel-shuffle comparison, otherwise the cpu recipe
     "cpu-64tok": MLLMRecipe(steps=1170, batch_size=32, lr=1.5e-3, warmup_steps=30, weight_decay=0.0, stage1_share=0.385,
                             stage1_lr=3e-3, ramp=0.5, stage1_train=("lm",), n_questions=4, world_turns=0.3, pack=True,
-                            region_loss=1.0, pixel_shuffle=1, eval_test=500, eval_heldout=200, eval_other=200),
+                            region_loss=1.0, vision_layer=2, pixel_shuffle=1, eval_test=500, eval_heldout=200,
+                            eval_other=200),
     # the cpu recipe's packing, region supervision and stage-1 LM training, at a 384-wide model's lr
     "gpu": MLLMRecipe(steps=6000, batch_size=128, lr=1e-3, warmup_steps=200, weight_decay=0.0, model="gpu",
                       stage1_share=0.3, stage1_lr=2e-3, ramp=0.4, stage1_train=("lm",), n_questions=4, world_turns=0.3,
