@@ -7,7 +7,7 @@
     reply = processor.batch_decode(model.generate(**inputs, max_new_tokens=40), skip_special_tokens=True)
 
 The package's files, one concept each:
-- `model.py`     config + presets, the frozen CLIP tower read at its penultimate layer, the projector
+- `model.py`     config + presets, the frozen CLIP tower read at a chosen layer (LLaVA: the penultimate), the projector
                  (optionally with pixel shuffle), the causal LM, image-token merging, `generate`
 - `processor.py` `processor(text=..., images=...)`: `<image>` expansion, left padding, decoding
 - `chat.py`      the fixed chat template and the assistant-only loss mask

@@ -2,7 +2,8 @@
 
 Follows LLaVA-1.5 ("Improved Baselines with Visual Instruction Tuning", Liu et al., 2023): the
 CLIP vision tower, frozen, read at its penultimate layer (the last layer is shaped by the
-contrastive objective's class token; the one before keeps more local detail), patch tokens only
+contrastive objective's class token; the one before keeps more local detail; `vision_layer`: the
+course's cpu recipe reads its 4-block tower at the middle, hidden state 2), patch tokens only
 (no class token); a projector of two linear layers with a GELU between them, into the LM's
 width; a causal LM that reads the projected patches exactly where the prompt's `<image>` stood.
 nanoVLM's pixel shuffle is an option of the projector: each 2 x 2 block of patches is folded
