@@ -57,7 +57,8 @@ class Prefetch:
         self._it, self._next = iter(loader), start
 
     def __call__(self, step: int):
-        if self._it is None or step != self._next or step >= self.stop:  # out of order: draw it here, restart the workers after it
+        if self._it is None or step != self._next or step >= self.stop:  # out of order: draw it here and
+            # restart the workers from the step after it
             self.close()
             batch = self.get_batch(step)
             if step + 1 < self.stop:
