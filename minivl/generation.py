@@ -326,7 +326,7 @@ def _beam_search(rows: _Rows, rules: _Rules, K: int, max_new: int, length_penalt
         src = torch.where(took, base + beam.gather(1, pick), base + rank[:K])  # (B, K) rows continued
         new_tok = torch.where(took, tok.gather(1, pick), rules.pad)  # (B, K)
         # finished: the K best of the old ones and this step's (old first, so ties keep the old)
-        seqs = torch.cat([tokens[base + beam].reshape(B, 2 * K, step), tok[..., None]], 2)  # (B, 2K, step + 1)
+        seqs = torch.cat([tokens[base + beam], tok[..., None]], 2)  # (B, 2K, step + 1): each candidate's tokens
         seqs = F.pad(seqs, (0, T - step - 1), value=rules.pad)  # (B, 2K, T)
         pool = torch.cat([fin_scores, norm(top, step + 1).masked_fill(~ends, inf)], 1)  # (B, 3K)
         order = pool.sort(dim=1, descending=True, stable=True).indices[:, :K]  # (B, K)

@@ -237,10 +237,10 @@ def _baseline(world, train_scenes, tables: dict, sets: dict, answers, recipe, de
     (clip-<preset> when trained, else clip-cpu, else clip-tiny)."""
     from minivl import clip as clip_lib
     from minivl.vqa.baseline import ClipFeatures, predict_late_fusion, train_late_fusion
-    clip_model = None
-    for name in dict.fromkeys((f"clip-{preset}", "clip-cpu", "clip-tiny")):
-        if clip_model is None:
-            clip_model, used = _load_clip(name)
+    for name in dict.fromkeys((f"clip-{preset}", "clip-cpu", "clip-tiny")):  # the first one trained
+        clip_model, used = _load_clip(name)
+        if clip_model is not None:
+            break
     if clip_model is None:  # no CLIP trained here yet: a random tower, said so in the metrics
         minivl.seed_everything(0)
         clip_model, used = clip_lib.CLIP(clip_lib.CLIPConfig.preset("tiny")).eval(), "random tiny CLIP (no checkpoint)"
