@@ -49,11 +49,12 @@ class Prefetch:
     def _restart(self, start: int) -> None:
         # fork where the platform has it: get_batch is often a closure, which spawn cannot pickle
         context = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+        # the loader's own generator, not the global RNG: a restart mid-run must not move the dropout masks of the
+        # steps after it (the batches use their own RNGs)
         loader = torch.utils.data.DataLoader(_Steps(self.get_batch, start, self.stop), batch_size=None,
                                              shuffle=False, num_workers=self.workers,
                                              prefetch_factor=self.prefetch_factor, multiprocessing_context=context,
-                                             generator=torch.Generator().manual_seed(0))  # not the global RNG: a
-        # restart mid-run must not move the dropout masks of the steps after it (batches use their own RNGs)
+                                             generator=torch.Generator().manual_seed(0))
         self._it, self._next = iter(loader), start
 
     def __call__(self, step: int):
