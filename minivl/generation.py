@@ -34,10 +34,11 @@ class Decoder(Protocol):
     - `embed(input_ids=None, inputs_embeds=None) -> (B, P + T, D)`: the prefix embeddings followed by
       the token embeddings, no positions yet;
     - `forward(input_ids=None, attention_mask=None, *, inputs_embeds=None, cache=None, memory=None,
-      memory_mask=None) -> logits (B, N, V)` for N new positions. attention_mask (B, past + N) covers
+      memory_mask=None, memory_groups=1) -> logits (B, N, V)` for N new positions. attention_mask (B, past + N) covers
       the cached positions too (1 = real, 0 = pad) and positions must come from it (position = real
       tokens before), so that a left-padded row gives the logits it would alone. memory/memory_mask
-      are passed only when given (cross-attention models). The engine calls it with `inputs_embeds`
+      are passed only when given (cross-attention models); beam search passes them once per prompt
+      with memory_groups=K, the K beams of prompt b being rows b*K .. b*K + K - 1. The engine calls it with `inputs_embeds`
       (the prompt; without a cache, the whole sequence) or with one new token per row and the cache;
     - optional `new_cache()`: an empty KV cache, a list of per-layer caches with `reorder(index)`
       (`minivl.transformer.LayerCache`). Without it the engine recomputes the sequence every step.
@@ -129,7 +130,7 @@ class _Rows:
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep rows `index` (B*K,): the beams that continue. Each index stays within its prompt's K
-        rows, so the memory (the prompt's image, repeated for its beams) needs no reordering."""
+        rows, so the memory (the prompt's image, one row for its K beams) needs no reordering."""
         self.mask, self.seen = self.mask[index], self.seen[index]
         if self.cache is None:
             self.x = self.x[index]
@@ -241,9 +242,10 @@ def generate(decoder: Decoder, input_ids: torch.Tensor | None = None, attention_
         seen.scatter_(1, ids.masked_fill(ids < 0, c.vocab_size), True)
     seen = seen[:, :-1]  # (B, V)
     extra = {} if memory is None else {"memory": memory, "memory_mask": memory_mask}
-    if num_beams > 1:  # every beam is a row of its own: repeat the prompt and the memory K times
+    if num_beams > 1:  # every beam is a row of its own: repeat the prompt K times...
         x, mask, seen = (t.repeat_interleave(num_beams, 0) for t in (x, mask, seen))
-        extra = {k: None if v is None else v.repeat_interleave(num_beams, 0) for k, v in extra.items()}
+        if memory is not None:  # ...but not the image: the K beams of a prompt read its memory row together
+            extra["memory_groups"] = num_beams
     rules = _Rules(eos=eos_id, pad=pad_id, min_new=min_new_tokens, penalty=repetition_penalty)
     was_training = decoder.training
     if was_training:  # (module.train walks every submodule: not twice per call when already in eval mode)

@@ -131,13 +131,14 @@ class CausalLM(Checkpointable, nn.Module):
                 inputs_embeds: torch.Tensor | None = None, memory: torch.Tensor | None = None,
                 memory_mask: torch.Tensor | None = None, cache: list[LayerCache] | None = None,
                 position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
-                hidden_only: bool = False) -> torch.Tensor:
+                hidden_only: bool = False, memory_groups: int = 1) -> torch.Tensor:
         """Next-token logits (B, P+T, V) for the prefix `inputs_embeds` (B, P, D) then `input_ids` (B, T).
 
         attention_mask (B, past+P+T), 1 = real, 0 = pad, covers the cached positions too; a (B, T)
         mask for the tokens alone is accepted when there is a prefix and no cache (prefix = real).
         position_ids (B, P+T) default to positions_from_mask(mask), or past + 0, 1, 2, ... without one.
-        memory (B, S, Dm) and memory_mask (B, S) feed the cross-attention (config.cross_attention).
+        memory (B, S, Dm) and memory_mask (B, S) feed the cross-attention (config.cross_attention);
+        memory_groups=g: one memory row per g consecutive rows (B / g of them: beam search's beams).
         segment_ids (B, P+T): a packed row, several continuations of one shared prefix (-1) in segments
         0, 1, ... that never read each other (`minivl.transformer.segment_mask`); it needs position_ids
         (each segment's positions going on from the prefix's, as if it were alone). hidden_only=True
@@ -163,7 +164,10 @@ class CausalLM(Checkpointable, nn.Module):
             # 0/1 only: a 2 would count a slot twice in positions_from_mask's cumsum
             attention_mask = validate.attention_mask("attention_mask", attention_mask, (B, past + N))
         if memory is not None or memory_mask is not None:
-            memory, memory_mask = self._check_memory(memory, memory_mask, B)
+            memory_groups = validate.positive_int("memory_groups", memory_groups)
+            if B % memory_groups:
+                raise ValueError(f"memory_groups={memory_groups} must divide the batch of {B} rows")
+            memory, memory_mask = self._check_memory(memory, memory_mask, B // memory_groups)
         L = self.config.context_length
         if position_ids is None:  # positions never exceed the slot index, so the shapes are the check
             if past + N > L:
@@ -180,8 +184,8 @@ class CausalLM(Checkpointable, nn.Module):
                 raise ValueError(f"position_ids must lie in [0, {L}) (the context length), got "
                                  f"[{int(position_ids.min())}, {int(position_ids.max())}]")
         x = self.drop(x + self.pos_embed[position_ids])  # (B, N, D)
-        h = self.transformer(x, attention_mask=attention_mask, causal=True, memory=memory,
-                             memory_mask=memory_mask, cache=cache, segment_ids=segment_ids).last_hidden_state
+        h = self.transformer(x, attention_mask=attention_mask, causal=True, memory=memory, memory_mask=memory_mask,
+                             cache=cache, segment_ids=segment_ids, memory_groups=memory_groups).last_hidden_state
         h = self.ln_final(h)  # (B, N, D)
         return h if hidden_only else self.lm_head(h)  # (B, N, V)
 

@@ -36,6 +36,7 @@ class KVCache:
     def __init__(self) -> None:
         self._k: torch.Tensor | None = None  # (B, H, capacity, Dh): the first `n` positions are filled
         self._v: torch.Tensor | None = None
+        self._spare: tuple[torch.Tensor, torch.Tensor] | None = None  # reorder's second buffer
         self.n = 0
 
     @property
@@ -68,9 +69,23 @@ class KVCache:
         return self.k, self.v
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Keep batch rows `index` (beam search picks which hypotheses continue)."""
-        if self._k is not None:
+        """Keep batch rows `index` (beam search picks which hypotheses continue).
+
+        Beam search reorders every layer at every step with as many rows as before: the rows are gathered
+        into a spare buffer of the same shape, kept from the step before, and the two swap. A fresh
+        buffer per step (hundreds of KB) would cost a page-faulting allocation each time on a CPU."""
+        if self._k is None:
+            return
+        spare = self._spare
+        if len(index) != self._k.shape[0] or torch.is_grad_enabled() and self._k.requires_grad:
             self._k, self._v = self._k.index_select(0, index), self._v.index_select(0, index)
+            return
+        if spare is None or spare[0].shape != self._k.shape or spare[0].dtype != self._k.dtype \
+                or spare[0].device != self._k.device or not (spare[0].is_contiguous() and spare[1].is_contiguous()):
+            spare = tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (self._k, self._v))
+        torch.index_select(self._k, 0, index, out=spare[0])
+        torch.index_select(self._v, 0, index, out=spare[1])
+        self._spare, (self._k, self._v) = (self._k, self._v), spare
 
 
 @dataclass
@@ -253,18 +268,19 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, is_causal: bool = False,
                 memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None,
                 cache: LayerCache | None = None, need_weights: bool = False,
-                query_index: int | torch.Tensor | None = None, use_cross_attention: bool = True
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                query_index: int | torch.Tensor | None = None, use_cross_attention: bool = True,
+                memory_groups: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x (B, T, D) -> (B, T, D) and, with need_weights, the self-attention weights.
 
         Masks come prepared by `Transformer.forward` (`build_mask` output). With query_index (an int
         or (B,)), only that token of each row is computed, -> (B, 1, D): its query reads the keys and
         values of every token, then the MLP runs on it alone. use_cross_attention=False skips this
         block's cross-attention (a BLIP text encoder in its unimodal mode: same weights, no image).
+        memory_groups=g: memory (B / g, S, Dm) holds one row per g consecutive rows of x (`_cross`).
         """
         if self.post_norm:
             return self._post_norm(x, mask, is_causal, memory, memory_mask, cache, need_weights, query_index,
-                                   use_cross_attention)
+                                   use_cross_attention, memory_groups=memory_groups)
         h = self.ln_1(x)  # (B, T, D)
         if query_index is None:
             a, weights = self.attn(h, mask=mask, is_causal=is_causal, cache=cache.self_attn if cache else None,
@@ -274,17 +290,31 @@ class Block(nn.Module):
             a, weights = self.attn(_take(h, query_index), h, mask=mask, need_weights=need_weights)
         x = x + self.drop(a)
         if self.cross_attn is not None and use_cross_attention:
-            if memory is None:
-                raise ValueError("this block has cross-attention: pass `memory` (what to attend to)")
-            a, self.cross_weights = self.cross_attn(self.ln_cross(x), memory, mask=memory_mask,
-                                                    cache=cache.cross_attn if cache else None,
-                                                    need_weights=need_weights)
-            x = x + self.drop(a)
+            x = x + self.drop(self._cross(self.ln_cross(x), memory, memory_mask, cache, need_weights, memory_groups))
         x = x + self.mlp(self.ln_2(x))
         return x, weights
 
+    def _cross(self, h: torch.Tensor, memory, memory_mask, cache, need_weights: bool, groups: int) -> torch.Tensor:
+        """Cross-attention of h (B, T, D) to memory; sets self.cross_weights (B, H, T, S) with need_weights.
+
+        groups = g > 1: memory holds B / g rows, row b shared by rows b*g .. b*g + g - 1 of h (the g beams
+        of one image). Each query reads the memory on its own, so the g rows' queries can line up as one
+        row of g*T queries: the memory's keys and values are projected and read once per image, not g times."""
+        if memory is None:
+            raise ValueError("this block has cross-attention: pass `memory` (what to attend to)")
+        T = h.shape[1]
+        if groups > 1:
+            h = rearrange(h, "(b g) t d -> b (g t) d", g=groups)  # (B/g, g*T, D)
+        a, w = self.cross_attn(h, memory, mask=memory_mask, cache=cache.cross_attn if cache else None,
+                               need_weights=need_weights)
+        if groups > 1:
+            a = rearrange(a, "b (g t) d -> (b g) t d", g=groups, t=T)  # (B, T, D)
+            w = None if w is None else rearrange(w, "b h (g t) s -> (b g) h t s", g=groups, t=T)
+        self.cross_weights = w
+        return a
+
     def _post_norm(self, x, mask, is_causal, memory, memory_mask, cache, need_weights, query_index,
-                   use_cross_attention, self_attn=None, self_ln=None):
+                   use_cross_attention, self_attn=None, self_ln=None, *, memory_groups: int = 1):
         """BERT's order: every sub-layer's output is added to its input, then normalised.
         self_attn / self_ln: another self-attention and its LayerNorm in place of `attn` / `ln_1`
         (BLIP's decoder has its own; minivl.captioner.text.BertLayer)."""
@@ -296,12 +326,7 @@ class Block(nn.Module):
                                need_weights=need_weights)
         x = self_ln(x + self.drop(a))  # (B, T, D)
         if self.cross_attn is not None and use_cross_attention:
-            if memory is None:
-                raise ValueError("this block has cross-attention: pass `memory` (what to attend to)")
-            a, self.cross_weights = self.cross_attn(x, memory, mask=memory_mask,
-                                                    cache=cache.cross_attn if cache else None,
-                                                    need_weights=need_weights)
-            x = self.ln_cross(x + self.drop(a))
+            x = self.ln_cross(x + self.drop(self._cross(x, memory, memory_mask, cache, need_weights, memory_groups)))
         return self.ln_2(x + self.mlp(x)), weights
 
 
@@ -335,7 +360,8 @@ class Transformer(nn.Module):
                 memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None,
                 cache: list[LayerCache] | None = None, need_weights: bool = False,
                 output_hidden_states: bool = False, pool_index: int | torch.Tensor | None = None,
-                use_cross_attention: bool = True, segment_ids: torch.Tensor | None = None) -> TransformerOutput:
+                use_cross_attention: bool = True, segment_ids: torch.Tensor | None = None,
+                memory_groups: int = 1) -> TransformerOutput:
         """x (B, T, D) through every block.
 
         attention_mask (B, past + T): 1 = real, 0 = pad, over the cached positions too. causal: each
@@ -347,6 +373,8 @@ class Transformer(nn.Module):
         use_cross_attention=False runs a cross-attention stack without its cross-attention (no
         memory): BLIP's text transformer as a unimodal encoder, with the same weights.
         segment_ids (B, T): packing, see `segment_mask` (no cache: a packed row is read whole).
+        memory_groups=g: memory (B / g, S, Dm) and memory_mask (B / g, S) hold one row per g consecutive
+        rows of x, which all read it (beam search: the K beams of one image read that image once).
         """
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"transformer input must be (B, T, {self.dim}), got {tuple(x.shape)}")
@@ -358,8 +386,15 @@ class Transformer(nn.Module):
             raise ValueError("this transformer has cross-attention: pass memory (B, S, memory_dim)")
         if not self.cross_attention and memory is not None:
             raise ValueError("memory given but the model was built with cross_attention=False")
-        if memory is not None and (memory.dim() != 3 or memory.shape[0] != x.shape[0]):
-            raise ValueError(f"memory must be (B={x.shape[0]}, S, memory_dim), got {tuple(memory.shape)}")
+        if isinstance(memory_groups, bool) or not isinstance(memory_groups, int) or memory_groups < 1 \
+                or x.shape[0] % memory_groups:
+            raise ValueError(f"memory_groups must be an int >= 1 dividing the batch {x.shape[0]}, "
+                             f"got {memory_groups!r}")
+        if memory is not None and (memory.dim() != 3 or memory.shape[0] * memory_groups != x.shape[0]):
+            rows = x.shape[0] // memory_groups
+            raise ValueError(f"memory must be (B={rows}, S, memory_dim)"
+                             f"{f' (one row per {memory_groups} rows of x)' if memory_groups > 1 else ''}, "
+                             f"got {tuple(memory.shape)}")
         T, dev = x.shape[1], x.device
         past = len(cache[0].self_attn) if cache else 0
         # The masks, once for every block. SDPA's own causal mask (fused, no mask tensor at all) is
@@ -393,14 +428,14 @@ class Transformer(nn.Module):
         for i, block in enumerate(blocks):
             x, weights = block(x, mask=mask, is_causal=fused_causal, memory=memory, memory_mask=memory_mask,
                                cache=cache[i] if cache else None, need_weights=need_weights,
-                               use_cross_attention=use_cross_attention)
+                               use_cross_attention=use_cross_attention, memory_groups=memory_groups)
             if hidden is not None:
                 hidden.append(x)
             if attentions is not None:
                 attentions.append(weights)
         if pool_index is not None:
             x, _ = last(x, mask=pool_mask, memory=memory, memory_mask=memory_mask, query_index=pool_index,
-                        use_cross_attention=use_cross_attention)
+                        use_cross_attention=use_cross_attention, memory_groups=memory_groups)
             x = x[:, 0]  # (B, D)
         cross = None
         if need_weights and memory is not None and use_cross_attention:

@@ -240,8 +240,10 @@ def blip(request):
     tf = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = tf.BlipConfig(
+        # BlipVisionConfig's initializer_range is 1e-10: at that init the tower's output is the same for every
+        # image and a parity test would not see the vision side at all
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
+                           image_size=32, patch_size=8, initializer_range=0.02),
         text_config=dict(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, max_position_embeddings=24, bos_token_id=110, pad_token_id=0,
                          sep_token_id=102, eos_token_id=2, label_smoothing=0.1),
@@ -273,6 +275,26 @@ def test_parity_greedy_caption(blip):
         theirs = hf.generate(pixel_values=px, max_new_tokens=10)[:, 1:]  # they return the [DEC] prompt too
         ours = cap.generate(px, max_new_tokens=10, prompt="")
     assert torch.equal(theirs, ours)
+
+
+@torch.no_grad()
+def test_parity_beam_caption(blip):
+    """Beam search (the K beams of an image read its memory together, `memory_groups`) finds transformers'
+    captions, batched, on weights scaled up so that each image gets its own caption (at N(0, 0.02) the text
+    side's own logits decide and every image gets the same one)."""
+    import copy
+
+    from minivl.captioner.convert import from_transformers
+    hf, _, cap, _, px, _, _ = blip
+    hf = copy.deepcopy(hf)
+    for p in hf.parameters():
+        p.mul_(4)
+    cap = from_transformers(hf, decoder_self_attention=cap.config.text.decoder_self_attention).eval()
+    px = torch.cat([px, -px, px.flip(-1)])  # 6 images
+    theirs = hf.generate(pixel_values=px, max_new_tokens=10, num_beams=3)[:, 1:]
+    ours = cap.generate(px, max_new_tokens=10, prompt="", num_beams=3)
+    assert theirs.shape == ours.shape and torch.equal(theirs, ours)
+    assert len({tuple(r) for r in ours.tolist()}) >= 3  # the images decide the captions
 
 
 def test_parity_itm_and_itc(blip):

@@ -306,6 +306,22 @@ def test_prefix_embeddings_decode_like_the_same_tokens_in_a_padded_batch():
     assert torch.equal(only, lm.generate(ids[:1], max_new_tokens=6))
 
 
+@torch.no_grad()
+def test_beams_read_their_own_prompts_memory():
+    """Beam search hands the decoder one memory row per prompt (memory_groups=K): the K beams of prompt b are
+    rows b*K .. b*K + K - 1. With the cross-attention made to dominate the logits, each prompt decodes as it
+    does alone, and the memories give different tokens (a mix-up between prompts would show)."""
+    lm = _lm(cross_attention=True, memory_dim=24)
+    for p in lm.parameters():
+        p.mul_(8)  # at init (std 0.02) the logits are nearly flat and the memory hardly moves the argmax
+    ids = torch.randint(0, 256, (1, 3), generator=torch.Generator().manual_seed(2)).expand(5, -1)  # one prompt x 5
+    mem = torch.randn(5, 4, 24, generator=torch.Generator().manual_seed(3))
+    out = lm.generate(ids, memory=mem, max_new_tokens=6, num_beams=3)
+    alone = [lm.generate(ids[:1], memory=mem[i:i + 1], max_new_tokens=6, num_beams=3)[0].tolist() for i in range(5)]
+    assert [r[:len(a)] for r, a in zip(out.tolist(), alone)] == alone
+    assert len({tuple(a) for a in alone}) >= 3  # the memory decides the tokens
+
+
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_memory_decoding_batched_equals_each_alone_and_reads_the_memory(num_beams):
     lm = _lm(cross_attention=True, memory_dim=24)

@@ -145,6 +145,35 @@ def test_kv_cache_equals_full_recomputation(cross, grad):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("post_norm", [False, True])
+def test_grouped_memory_equals_the_memory_repeated_per_row(post_norm):
+    """memory_groups=g: each memory row serves g consecutive rows (beam search's beams of one image), the same
+    numbers as the memory repeated g times, the weights included; with a cache, step by step."""
+    model = Transformer(32, 2, 4, cross_attention=True, memory_dim=16, post_norm=post_norm).eval()
+    g, x = 3, torch.randn(6, 5, 32)
+    mem, mem_mask = torch.randn(2, 7, 16), torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    rep, rep_mask = mem.repeat_interleave(g, 0), mem_mask.repeat_interleave(g, 0)
+    want = model(x, causal=True, memory=rep, memory_mask=rep_mask, need_weights=True)
+    got = model(x, causal=True, memory=mem, memory_mask=mem_mask, memory_groups=g, need_weights=True)
+    torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, atol=1e-5, rtol=1e-5)
+    for a, b in zip(got.cross_attentions, want.cross_attentions):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)  # (6, H, 5, 7): per row, as if repeated
+    cache = model.new_cache()
+    steps = [model(x[:, :3], causal=True, memory=mem, memory_mask=mem_mask, memory_groups=g,
+                   cache=cache).last_hidden_state]
+    steps += [model(x[:, t:t + 1], causal=True, memory=mem, memory_mask=mem_mask, memory_groups=g,
+                    cache=cache).last_hidden_state for t in (3, 4)]
+    torch.testing.assert_close(torch.cat(steps, 1), want.last_hidden_state, atol=1e-5, rtol=1e-5)
+    assert cache[0].cross_attn.k.shape[0] == 2  # the memory's keys: projected for 2 images, not 6 rows
+    with pytest.raises(ValueError, match=r"memory must be \(B=2, S, memory_dim\) \(one row per 3 rows of x\)"):
+        model(x, memory=rep, memory_groups=g)
+    with pytest.raises(ValueError, match="memory_groups must be an int >= 1 dividing the batch 6"):
+        model(x, memory=mem, memory_groups=4)
+    with pytest.raises(ValueError, match="memory_groups"):
+        model(x, memory=mem, memory_groups=0)
+
+
+@torch.no_grad()
 def test_kv_cache_reorder_follows_beams():
     model = _model()
     x = torch.randn(3, 7, 32)
@@ -191,6 +220,26 @@ def test_outputs_hidden_states_and_attentions():
     assert len(out.hidden_states) == 4 and len(out.attentions) == 3
     assert out.attentions[0].shape == (2, 4, 4, 4)
     torch.testing.assert_close(out.hidden_states[-1], out.last_hidden_state)
+
+
+@torch.no_grad()
+def test_kv_cache_reorders_step_after_step_like_recomputation():
+    """Beam search reorders at every step: the cache gathers into a spare buffer and swaps (reused while the
+    capacity stays), and each row's state is still its own history's."""
+    model = _model()
+    x = torch.randn(3, 9, 32)
+    cache = model.new_cache()
+    model(x[:, :4], causal=True, cache=cache)
+    hist = x[:, :4]
+    g = torch.Generator().manual_seed(0)
+    for t in range(4, 9):  # capacity 4 -> 8 at t = 4, then 8 -> 16 at t = 8: the spare is reused in between
+        idx = torch.randint(0, 3, (3,), generator=g)
+        for layer in cache:
+            layer.reorder(idx)
+        hist = torch.cat([hist[idx], x[:, t:t + 1]], 1)
+        step = model(x[:, t:t + 1], causal=True, cache=cache).last_hidden_state
+        torch.testing.assert_close(step[:, 0], model(hist, causal=True).last_hidden_state[:, -1], atol=1e-5, rtol=1e-5)
+    assert cache[0].self_attn._spare is not None
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -34,7 +34,8 @@ def hf_config_from(config: CaptionerConfig):
     return transformers.BlipConfig(
         vision_config=dict(hidden_size=v.width, intermediate_size=int(v.width * v.mlp_ratio), num_hidden_layers=v.depth,
                            num_attention_heads=v.heads, image_size=v.image_size, patch_size=v.patch_size,
-                           layer_norm_eps=v.norm_eps, hidden_act="gelu"),
+                           layer_norm_eps=v.norm_eps, hidden_act="gelu",
+                           initializer_range=0.02),  # BLIP's vision default, 1e-10, makes every image look alike
         text_config=dict(vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=int(t.width * t.mlp_ratio),
                          num_hidden_layers=t.depth, num_attention_heads=t.heads, max_position_embeddings=t.context_length,
                          layer_norm_eps=t.norm_eps, bos_token_id=config.dec_id, pad_token_id=config.pad_id,

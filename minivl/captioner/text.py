@@ -74,10 +74,10 @@ class BertLayer(Block):
         self.decoding = False
 
     def _post_norm(self, x, mask, is_causal, memory, memory_mask, cache, need_weights, query_index,
-                   use_cross_attention):
+                   use_cross_attention, *, memory_groups: int = 1):
         own = (self.dec_attn, self.ln_dec) if self.decoding else (None, None)  # None: the encoder's attn / ln_1
         return super()._post_norm(x, mask, is_causal, memory, memory_mask, cache, need_weights, query_index,
-                                  use_cross_attention, *own)
+                                  use_cross_attention, *own, memory_groups=memory_groups)
 
 
 class BertText(nn.Module):
@@ -150,11 +150,12 @@ class BertText(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
                 inputs_embeds: torch.Tensor | None = None, memory: torch.Tensor | None = None,
                 memory_mask: torch.Tensor | None = None, cache: list[LayerCache] | None = None,
-                need_weights: bool = False):
+                need_weights: bool = False, memory_groups: int = 1):
         """The image-grounded causal decoder: next-token logits (B, T, V) for the new positions.
 
         attention_mask (B, past + T) covers cached positions too; positions come from it (the
         `generation.Decoder` protocol). With need_weights, returns (logits, TransformerOutput).
+        memory_groups=g: memory (B / g, S, Dm), one image per g consecutive rows (beam search's beams).
         """
         if memory is None:
             raise ValueError("the caption decoder reads the image: pass memory (B, S, memory_dim)")
@@ -168,11 +169,15 @@ class BertText(nn.Module):
             positions = positions_from_mask(attention_mask)[:, past:]  # (B, T)
         else:
             positions = torch.arange(past, past + T, device=x.device).expand(B, T)  # (B, T)
-        memory = validate.tensor("memory", memory, shape=(B, None, self.config.memory_dim), kind="float")
+        memory_groups = validate.positive_int("memory_groups", memory_groups)
+        if B % memory_groups:
+            raise ValueError(f"memory_groups={memory_groups} must divide the batch of {B} rows")
+        memory = validate.tensor("memory", memory, shape=(B // memory_groups, None, self.config.memory_dim),
+                                 kind="float")
         self._mode(decoding=True)
         out = self.transformer(self._inputs(x, positions), attention_mask=attention_mask, causal=True,
                                memory=memory.to(x.dtype), memory_mask=memory_mask, cache=cache,
-                               need_weights=need_weights)
+                               need_weights=need_weights, memory_groups=memory_groups)
         logits = self.logits(out.last_hidden_state)  # (B, T, V)
         return (logits, out) if need_weights else logits
 
