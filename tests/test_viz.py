@@ -95,3 +95,26 @@ def test_image_texts_rows_with_marks(scenes):
         viz.show_image_texts([s.image for s in scenes], texts[:2])
     with pytest.raises(ValueError, match="2 texts but 1 marks"):
         viz.show_image_texts([scenes[0].image], [texts[0]], marks=[[True]])
+
+
+def test_show_captions_text_stays_under_its_image():
+    """Each caption (and reference) is drawn whole under its image, above the next row's images."""
+    from minivl.viz.captioner import show_captions
+    w = World(WorldConfig(image_size=32))
+    scenes = [w.scene(i, n_objects=4) for i in range(6)]  # four objects: the longest captions
+    caps = [w.captions(s)[0] for s in scenes]
+    fig = show_captions([s.image for s in scenes], caps, [w.captions(s)[-1] for s in scenes], marks=[True] * 5 + [False],
+                        ncols=3, title="captions")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    axes = fig.axes
+    texts = [ax.texts[0] if ax.texts else ax.title for ax in axes[:6]]
+    assert [t.get_color() for t in texts] == ["tab:green"] * 5 + ["tab:red"]
+    assert texts[0].get_text().replace("\n", " ").startswith(caps[0])
+    for i, t in enumerate(texts):
+        box = t.get_window_extent(renderer)
+        assert box.y0 >= 0, "a caption runs off the bottom of the figure"
+        if i + 3 < 6:  # the image below it
+            assert box.y0 > axes[i + 3].get_window_extent(renderer).y1, "a caption runs into the next row"
+    with pytest.raises(ValueError, match="one caption per image"):
+        show_captions([scenes[0].image], caps[:2])

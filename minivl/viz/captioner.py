@@ -39,19 +39,27 @@ def show_captions(images, captions, references=None, marks=None, ncols: int = 4,
     if n == 0 or len(captions) != n:
         raise ValueError(f"need one caption per image, got {len(captions)} captions for {n} images")
     rows = (n + ncols - 1) // ncols
-    fig, axes = plt.subplots(rows, ncols, figsize=(3.0 * ncols, 3.6 * rows), squeeze=False)
+    texts = []
+    for i in range(n):
+        text = textwrap.wrap(captions[i], 40)
+        if references is not None:
+            text += textwrap.wrap("ref: " + references[i], 40)
+        texts.append("\n".join(text))
+    # room under each image for its longest text (7 pt lines, ~0.13 in each), so no caption runs into the next row
+    below = 0.13 * max(t.count("\n") + 1 for t in texts) + 0.1  # inches
+    side = 3.0  # inches per image
+    fig, axes = plt.subplots(rows, ncols, figsize=(side * ncols, (side + below) * rows + (0.4 if title else 0.1)),
+                             squeeze=False, gridspec_kw=dict(hspace=below / side, wspace=0.06))
     for ax in axes.flat:
         ax.axis("off")
     for i, (ax, img) in enumerate(zip(axes.flat, images)):
         ax.imshow(np.asarray(img), interpolation="nearest")
         color = "black" if marks is None else ("tab:green" if marks[i] else "tab:red")
-        text = "\n".join(textwrap.wrap(captions[i], 34))
-        if references is not None:
-            text += "\nref: " + "\n".join(textwrap.wrap(references[i], 34))
-        ax.set_title(text, fontsize=7, color=color, y=-0.02, va="top")
+        ax.text(0.5, -0.02, texts[i], transform=ax.transAxes, ha="center", va="top", fontsize=7, color=color)
+    height = fig.get_figheight()
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=below / height, top=1 - (0.4 if title else 0.1) / height)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     return fig
 
 
