@@ -71,6 +71,9 @@ class MLLMConfig:
     # Again with packing + region supervision + vision_layer=2 (the cpu recipe; 300 test scenes, 1 thread, 2026-12-04),
     # against 64.7% / 62.5% without (seeds 0 / 1): at 1.0, 65.9% (position 63.9%) / 62.3% (position 49.3%); at 2.0,
     # 65.7% (position 61.6%); at 1.0 with projector_norm 65.3% (position 47.6%, relation 59.9%). Within seed noise: off
+    # At 1.0 and added again before every LM block, as VQA's position_every_layer (a screen, 2026-12-07, seed 0): 67.1%,
+    # but position 52.0%, relation 54.2%, closest 40.7%: what VQA learnt in 3,000 steps of ~135 questions, the LM does
+    # not in 720 steps of 128; off
     image_positions: float = 0.0
     # region supervision (off when empty), as minivl.vqa's: a linear head on the LM's last hidden state at every
     # image token predicts what lies under it (per attribute its classes + "none": Shapes World's colour, shape,

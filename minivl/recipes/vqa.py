@@ -128,11 +128,24 @@ LEVER_LOG = [
     # plus a projection of the 3x3 neighbourhood of CLIP's first-layer patch embeddings (shape 82% -> 87%, count 84%
     # -> 89%, but position 72% -> 63%; at 3000 steps on 1,000 scenes 83.3% overall, shape 96.6%, position 84.5%,
     # closest 51.6%, furthest 48.0%, against the preset's 82.6% of the session before)
-    dict(lever="s7: the cpu preset's model (same protocol)", steps=2000, minutes=8.8, overall=0.736),
+    dict(lever="s7: the cpu preset's model (same protocol)", steps=2000, minutes=8.8, overall=0.736, shape=0.82,
+         closest=0.47),
     dict(lever="s7: + relation supervision (nearest / furthest object's colour and shape)", steps=2000, minutes=8.9,
-         overall=0.673),
+         overall=0.673, shape=0.56, closest=0.50),
     dict(lever="s7: + first-layer 3x3 detail added to the image tokens", steps=2000, minutes=9.0, overall=0.752),
     dict(lever="s7: CLIP's hidden state 1 instead of 3 as the image tokens", steps=2000, minutes=8.7, overall=0.670),
+    # s13: thirteenth session, the s7 protocol (1 thread, 300 test scenes, 2000 steps, both probes side by side), two
+    # levers for closest / furthest. Coordinates = a learned projection of each patch's (x, y, x^2 + y^2) added with
+    # the positions (a query holding the anchor's (x, y) can then score -|patch - anchor|^2 by one dot product):
+    # closest 44.6%, furthest 43.4%. Depth 6 instead of 4 (hops: words -> anchor -> its neighbour): colour 79% and
+    # shape 86% (63% / 74% in the depth-4 probe beside it), but closest 46.2%, furthest 45.5%, in 1.35x the time.
+    # Where those answers go (depth 6, 300 test scenes): with 3 objects the right object 49.3%, the anchor's own
+    # attribute 8.8%, the other object's 36.5%, nothing in the scene 5.4%; with 4 objects the right one 42.3%: a coin
+    # between the objects that are not the anchor, no distance read at all
+    dict(lever="s13: + patch coordinates (x, y, x^2 + y^2), learned projection", steps=2000, minutes=9.6,
+         overall=0.733, shape=0.744, closest=0.446, furthest=0.434),
+    dict(lever="s13: depth 6 instead of 4", steps=2000, minutes=12.8, overall=0.767, shape=0.856, closest=0.462,
+         furthest=0.455),
     dict(lever="reference: question-only prior (no image)", steps=None, minutes=0.0, overall=0.373),
     dict(lever="reference: late fusion, frozen CLIP + MLP (1,000 test scenes)", steps=600, minutes=0.5, overall=0.598),
 ]
