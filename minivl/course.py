@@ -185,7 +185,10 @@ def run_course(fast: bool = False, only=None, out=None, progress=print, notebook
         log.unlink(missing_ok=True)
         condition = "fast" if fast else ("trains" if needs_training(path) else "loads")
         progress(f"{path.stem}: running ({'fast mode' if fast else 'full mode, ' + condition}) ...")
+        before = _checkpoint_names()
         nb, seconds, error = execute(path, fast, log)
+        if condition == "loads" and _checkpoint_names() - before:  # it trained one (an ablation's, say) after all
+            condition = "trains"
         folder = out / path.stem
         folder.mkdir(exist_ok=True)
         for old in folder.glob("cell*.png"):  # written by an earlier course run
@@ -221,6 +224,12 @@ def needs_training(path: Path) -> bool:
     text = Path(path).read_text()
     families = set(FAMILY_CALL.findall(text))
     return any(not (minivl.data_dir() / "checkpoints" / f"{f}-cpu").exists() for f in families)
+
+
+def _checkpoint_names() -> set[str]:
+    """The checkpoints in data/checkpoints now (a run that adds one has trained, whatever its name)."""
+    root = minivl.data_dir() / "checkpoints"
+    return {p.name for p in root.iterdir() if p.is_dir()} if root.is_dir() else set()
 
 
 def _duration(seconds: float) -> str:

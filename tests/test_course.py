@@ -75,6 +75,28 @@ def test_course_run_writes_a_report_with_times_claims_and_plots(tmp_path):
     assert markdown(report) == text
 
 
+@pytest.mark.slow
+def test_course_run_counts_a_notebook_that_writes_a_checkpoint_as_training(tmp_path, monkeypatch):
+    """A notebook whose family checkpoint exists but that trains another one (notebook 04's LM-only ablation)
+    is timed as "trains", not as "loads": the title cell must not quote minutes of training as a load time."""
+    monkeypatch.setenv("MINIVL_DATA", str(tmp_path / "data"))
+    (tmp_path / "data" / "checkpoints" / "clip-cpu").mkdir(parents=True)
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("import minivl\n(minivl.data_dir() / 'checkpoints' / 'clip-cpu-ablation').mkdir()\n"
+                                          "# load_or_train('clip', 'cpu') is what the course looks for")]
+    path = tmp_path / "98_trains.ipynb"
+    nbformat.write(nb, path)
+    report = run_course(fast=False, out=tmp_path / "report", notebooks=[path], progress=lambda *_: None)
+    (row,) = report["notebooks"]
+    assert row["error"] is None and row["condition"] == "trains"
+    times = json.loads((tmp_path / "report" / "times.json").read_text())
+    assert list(times["98_trains"]) == ["trains"]
+    nb.cells = [nbformat.v4.new_code_cell("x = 1  # load_or_train('clip', 'cpu')")]  # writes no checkpoint
+    nbformat.write(nb, path)
+    report = run_course(fast=False, out=tmp_path / "report", notebooks=[path], progress=lambda *_: None)
+    assert report["notebooks"][0]["condition"] == "loads"
+
+
 # ---------------------------------------------------------------- checks: right passes, wrong fails with its hint
 def attention_ok(q, k, v, mask):
     s = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
