@@ -415,6 +415,9 @@ class Transformer(nn.Module):
         if memory_mask is not None:
             if memory is None:
                 raise ValueError("memory_mask given without memory")
+            if memory_mask.dim() != 2 or memory_mask.shape[0] != memory.shape[0]:
+                raise ValueError(f"memory_mask must be ({memory.shape[0]}, {memory.shape[1]}), one row per memory "
+                                 f"row, got {tuple(memory_mask.shape)}")
             memory_mask = build_mask(memory_mask, causal=False, T=T, S=memory.shape[1], device=dev)  # (B, 1, 1, S)
         blocks = list(self.blocks)
         if pool_index is not None:

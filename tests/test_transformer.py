@@ -171,6 +171,8 @@ def test_grouped_memory_equals_the_memory_repeated_per_row(post_norm):
         model(x, memory=mem, memory_groups=4)
     with pytest.raises(ValueError, match="memory_groups"):
         model(x, memory=mem, memory_groups=0)
+    with pytest.raises(ValueError, match=r"memory_mask must be \(2, 7\), one row per memory row"):
+        model(x, memory=mem, memory_mask=rep_mask, memory_groups=g)
 
 
 @torch.no_grad()
