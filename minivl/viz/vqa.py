@@ -27,7 +27,7 @@ def plot_type_accuracy(tables: dict[str, dict[str, float]], types=None, title: s
     ax.set_ylim(0, 1)
     ax.set_ylabel("VQA accuracy")
     ax.set_xlabel("question type")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never over them
     ax.set_title(title or "accuracy per question type")
     fig.tight_layout()
     return fig
