@@ -34,12 +34,13 @@ class Decoder(Protocol):
     - `embed(input_ids=None, inputs_embeds=None) -> (B, P + T, D)`: the prefix embeddings followed by
       the token embeddings, no positions yet;
     - `forward(input_ids=None, attention_mask=None, *, inputs_embeds=None, cache=None, memory=None,
-      memory_mask=None, memory_groups=1) -> logits (B, N, V)` for N new positions. attention_mask (B, past + N) covers
-      the cached positions too (1 = real, 0 = pad) and positions must come from it (position = real
-      tokens before), so that a left-padded row gives the logits it would alone. memory/memory_mask
-      are passed only when given (cross-attention models); beam search passes them once per prompt
-      with memory_groups=K, the K beams of prompt b being rows b*K .. b*K + K - 1. The engine calls it with `inputs_embeds`
-      (the prompt; without a cache, the whole sequence) or with one new token per row and the cache;
+      memory_mask=None, memory_groups=1) -> logits (B, N, V)` for N new positions. attention_mask
+      (B, past + N) covers the cached positions too (1 = real, 0 = pad) and positions must come from
+      it (position = real tokens before), so that a left-padded row gives the logits it would alone.
+      memory/memory_mask are passed only when given (cross-attention models); beam search passes them
+      once per prompt with memory_groups=K, the K beams of prompt b being rows b*K .. b*K + K - 1. The
+      engine calls it with `inputs_embeds` (the prompt; without a cache, the whole sequence) or with
+      one new token per row and the cache;
     - optional `new_cache()`: an empty KV cache, a list of per-layer caches with `reorder(index)`
       (`minivl.transformer.LayerCache`). Without it the engine recomputes the sequence every step.
     """

@@ -164,9 +164,7 @@ class CausalLM(Checkpointable, nn.Module):
             # 0/1 only: a 2 would count a slot twice in positions_from_mask's cumsum
             attention_mask = validate.attention_mask("attention_mask", attention_mask, (B, past + N))
         if memory is not None or memory_mask is not None:
-            memory_groups = validate.positive_int("memory_groups", memory_groups)
-            if B % memory_groups:
-                raise ValueError(f"memory_groups={memory_groups} must divide the batch of {B} rows")
+            memory_groups = validate.divisor("memory_groups", memory_groups, B)
             memory, memory_mask = self._check_memory(memory, memory_mask, B // memory_groups)
         L = self.config.context_length
         if position_ids is None:  # positions never exceed the slot index, so the shapes are the check

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from minivl import validate
+
 
 class KVCache:
     """Keys and values of the positions seen so far, for one attention layer.
@@ -386,10 +388,7 @@ class Transformer(nn.Module):
             raise ValueError("this transformer has cross-attention: pass memory (B, S, memory_dim)")
         if not self.cross_attention and memory is not None:
             raise ValueError("memory given but the model was built with cross_attention=False")
-        if isinstance(memory_groups, bool) or not isinstance(memory_groups, int) or memory_groups < 1 \
-                or x.shape[0] % memory_groups:
-            raise ValueError(f"memory_groups must be an int >= 1 dividing the batch {x.shape[0]}, "
-                             f"got {memory_groups!r}")
+        memory_groups = validate.divisor("memory_groups", memory_groups, x.shape[0])
         if memory is not None and (memory.dim() != 3 or memory.shape[0] * memory_groups != x.shape[0]):
             rows = x.shape[0] // memory_groups
             raise ValueError(f"memory must be (B={rows}, S, memory_dim)"

@@ -45,6 +45,14 @@ def positive_int(name: str, v, minimum: int = 1) -> int:
     return integer(name, v, low=minimum)
 
 
+def divisor(name: str, v, total: int, of: str = "the batch") -> int:
+    """An int >= 1 that divides `total` (memory_groups: rows of a batch that share one memory row)."""
+    v = positive_int(name, v)
+    if total % v:
+        raise ValueError(f"{name} must be an int >= 1 dividing {of} {total}, got {v}")
+    return v
+
+
 def real(name: str, v, low: float | None = None, high: float | None = None, *,
          low_open: bool = False, high_open: bool = False) -> float:
     """A finite real number in [low, high] (open ends with low_open/high_open). NaN compares False

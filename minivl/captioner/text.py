@@ -169,9 +169,7 @@ class BertText(nn.Module):
             positions = positions_from_mask(attention_mask)[:, past:]  # (B, T)
         else:
             positions = torch.arange(past, past + T, device=x.device).expand(B, T)  # (B, T)
-        memory_groups = validate.positive_int("memory_groups", memory_groups)
-        if B % memory_groups:
-            raise ValueError(f"memory_groups={memory_groups} must divide the batch of {B} rows")
+        memory_groups = validate.divisor("memory_groups", memory_groups, B)
         memory = validate.tensor("memory", memory, shape=(B // memory_groups, None, self.config.memory_dim),
                                  kind="float")
         self._mode(decoding=True)
