@@ -57,6 +57,8 @@ class VQARecipe(Recipe):
     patch_loss: float = 0.0  # > 0: region supervision (Shapes World only) with this weight: every output image
     #                          token also predicts colour, shape and size of the object under its patch (from
     #                          the scene's boxes): the region labels ViLT set out to do without
+    neighbour_loss: bool = False  # with patch_loss: every object patch also predicts the colour and shape of its
+    #                               object's closest and furthest other object (where the scene has a clear one)
 
 
 RECIPES = {
@@ -153,7 +155,7 @@ LEVER_LOG = [
 
 def make_batches(world: World, packer: Packer, batch_size: int, single_object=(0.5, 0.0), seed: int = 0,
                  steps: int | None = None, objects_ramp: float = 0.0, questions_per_scene: int = 0,
-                 region_grid: int = 0):
+                 region_grid: int = 0, neighbours: bool = False):
     """get_batch(step) -> a batch of `batch_size` fresh scenes: a pure function of (seed, step).
 
     Packed (questions_per_scene=0): each scene is one row holding all its questions. Otherwise one
@@ -181,19 +183,51 @@ def make_batches(world: World, packer: Packer, batch_size: int, single_object=(0
             qs = world.questions(s)
             if questions_per_scene:
                 qs = [qs[j] for j in rng.permutation(len(qs))[:questions_per_scene]]
-            scenes.append((s.image, [q.question for q in qs], [[q.answer] for q in qs], s.objects))
+            scenes.append((s.image, [q.question for q in qs], [[q.answer] for q in qs], s))
         images = image_to_tensor(np.stack([im for im, _, _, _ in scenes]))  # (B, 3, H, W)
         if not questions_per_scene:
             batch = packer(images, [q for _, q, _, _ in scenes], [a for _, _, a, _ in scenes])
         else:
             batch = packer.unpacked(images, [q for _, q, _, _ in scenes], [a for _, _, a, _ in scenes])
         if region_grid:
-            labels = torch.from_numpy(np.stack([patch_labels(o, world.config.image_size, region_grid, attributes)
-                                                for *_, o in scenes]))  # (B, N, 3)
+            labels = torch.from_numpy(np.stack([region_targets(world, s, region_grid, attributes, neighbours)
+                                                for *_, s in scenes]))  # (B, N, 3 | 7)
             batch["patch_labels"] = labels if not questions_per_scene else labels[
                 [b for b, (_, q, _, _) in enumerate(scenes) for _ in q]]  # (M, N, 3)
         return batch
     return get_batch
+
+
+def region_targets(world: World, scene, grid: int, attributes: dict, neighbours: bool = False) -> np.ndarray:
+    """(grid*grid, 3) patch labels (colour, shape, size under each patch); with neighbours (grid*grid, 7):
+    + colour and shape of the closest and of the furthest other object of the object under the patch
+    (-100 = ignored: no object there, fewer than three objects, or no clear winner, as the questions)."""
+    from minivl.world_text import clear_winners, relations
+    size = world.config.image_size
+    labels = patch_labels(scene.objects, size, grid, attributes)
+    if not neighbours:
+        return labels
+    step = size // grid
+    extra = np.full((grid * grid, 4), -100, dtype=np.int64)
+    colors, shapes = list(world.config.colors), list(world.config.shapes)
+    objs = scene.objects
+    if len(objs) >= 3:
+        _, _, dist = relations(scene)
+        for a, o in enumerate(objs):
+            near, far = clear_winners(dist[a], world.margin)
+            x1, y1, x2, y2 = o.box
+            cover = [[max(0, min((gx + 1) * step, x2) - max(gx * step, x1)) *
+                      max(0, min((gy + 1) * step, y2) - max(gy * step, y1)) / step ** 2
+                      for gx in range(grid)] for gy in range(grid)]
+            for gy in range(grid):
+                for gx in range(grid):
+                    if cover[gy][gx] < 0.3 or labels[gy * grid + gx, 1] != shapes.index(o.shape) or \
+                            labels[gy * grid + gx, 0] != colors.index(o.color):
+                        continue  # the patch belongs to another object (or too little of this one)
+                    for k, j in ((0, near), (2, far)):
+                        if j is not None:
+                            extra[gy * grid + gx, k:k + 2] = colors.index(objs[j].color), shapes.index(objs[j].shape)
+    return np.concatenate([labels, extra], 1)
 
 
 def record_batches(scenes: list[dict], packer: Packer, image_size: int, batch_size: int, seed: int = 0,
@@ -312,8 +346,10 @@ def run(preset: str = "cpu", steps: int | None = None, device=None, out=None, se
         answers = answer_vocabulary([r["answers"] for r in train], recipe.max_answers)
     else:
         answers = tuple(world.answers)
-    regions = {} if own or not recipe.patch_loss else dict(  # colour, shape, size, each + "none"
-        patch_classes=tuple(len(c) + 1 for c in region_attributes(world).values()), patch_loss=recipe.patch_loss)
+    near = (len(world.config.colors) + 1, len(world.config.shapes) + 1) * 2 if recipe.neighbour_loss else ()
+    regions = {} if own or not recipe.patch_loss else dict(  # colour, shape, size, each + "none" (+ neighbours)
+        patch_classes=tuple(len(c) + 1 for c in region_attributes(world).values()) + near,
+        patch_loss=recipe.patch_loss)
     config = ViltConfig.preset(preset, answers=answers, pad_id=tokenizer.pad_id, **regions)
     clip_model, clip_name = _load_clip(recipe.clip_init) if config.stem == "vit" else (None, None)
     config, vision_weights = init_from_clip(config, clip_model)
@@ -331,7 +367,8 @@ def run(preset: str = "cpu", steps: int | None = None, device=None, out=None, se
                 "heldout": world_scenes(world, "heldout", recipe.heldout_scenes)}
         batches = make_batches(world, packer, recipe.batch_size, recipe.single_object, seed, recipe.steps,
                                recipe.objects_ramp, recipe.questions_per_scene if config.image_attends_text else 0,
-                               config.grid // config.image_pool if config.patch_classes else 0)
+                               config.grid // config.image_pool if config.patch_classes else 0,
+                               recipe.neighbour_loss)
     quick = sets["test"][:recipe.quick_scenes]
 
     minivl.seed_everything(seed)

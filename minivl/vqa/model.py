@@ -108,11 +108,16 @@ class ViltConfig(AnswerLabels):
     #                                      token predicts, per attribute, the class of the object under its patch
     #                                      (Shapes World: colour, shape, size, each with a last class "none")
     patch_loss: float = 1.0  # weight of that dense cross-entropy (summed over the attributes) in the loss
+    region_layer: int = 0  # where that head reads the image tokens: 0 = the final output; k = after block k (through
+    #                        its own LayerNorm), so that what it asks for is there while later blocks' questions read
     position_scale: float = 0.1  # the image positions start as this x 2-D sin-cos: at 0.1 (next to CLIP features of
     #                              norm ~11) "is it on the left?" stayed at chance for 3,000 steps; at 0.5-1.0 it is learnt
     position_every_layer: bool = False  # add the image position embedding to the image tokens again before every
     #                                     block, not only at the input (where region supervision and the blocks
     #                                     wash it out: "is it on the left?" needs *where* in the late tokens)
+    distance_bias: bool = False  # image-to-image attention adds a learned slope (per layer and head) x the distance
+    #                              between the two patches (a 2-D ALiBi, Press et al. 2022): negative slopes look
+    #                              near, positive ones far, so "the object closest to X" can sit on X's own token
 
     def __post_init__(self) -> None:
         validate.config_fields(self, ints=dict(vocab_size=1, context_length=1, pad_id=0, image_size=1, patch_size=1,
@@ -141,7 +146,10 @@ class ViltConfig(AnswerLabels):
         if not isinstance(self.answers, (list, tuple)) or not all(isinstance(a, str) for a in self.answers):
             raise TypeError(f"answers must be a tuple of strings, got {self.answers!r:.80}")
         self.answers = tuple(self.answers)
-        for name in ("fan_in_init", "position_every_layer"):
+        if not (isinstance(self.region_layer, int) and not isinstance(self.region_layer, bool)
+                and 0 <= self.region_layer < max(1, self.depth)):
+            raise ValueError(f"region_layer must be 0 (the output) or a block 1..{self.depth - 1}, got {self.region_layer!r}")
+        for name in ("fan_in_init", "position_every_layer", "distance_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.image_pool != 1 and self.stem != "vit":
@@ -180,6 +188,8 @@ class VQAOutput:
     pooled: torch.Tensor  # (B, D) pooler output (linear + tanh of the first token)
     tokens: torch.Tensor  # (B, T + 1 + N, D) after the final LayerNorm: text, then image class token + patches
     attentions: list[torch.Tensor] | None = field(default=None)  # depth entries of (B, H, S, S)
+    region_tokens: torch.Tensor | None = field(default=None, repr=False)  # what the region head reads (= tokens
+    #                                                                        unless region_layer)
 
 
 class ConvStem(nn.Module):
@@ -242,8 +252,15 @@ class ViltForQuestionAnswering(Checkpointable, nn.Module):
             self.image_pos[1:] = c.position_scale * sincos_2d(c.grid // c.image_pool, c.width)
         if c.fan_in_init:
             self._fan_in_init()
-        # built last, so that with the option off every other weight starts exactly as before
+        # built last, so that with the options off every other weight starts exactly as before
         self.patch_head = nn.Linear(c.width, sum(c.patch_classes)) if c.patch_classes else None
+        if c.distance_bias:  # heads start at slopes -1/2, -1/4, ..., +1/4, +1/2 (per grid unit), every layer alike
+            half = [2.0 ** -(k + 1) for k in range((c.heads + 1) // 2)]
+            start = torch.tensor([-h for h in half] + half[::-1])[:c.heads] if c.heads > 1 else torch.tensor([-0.5])
+            self.distance_slopes = nn.Parameter(start.repeat(c.depth, 1))  # (depth, heads)
+        else:
+            self.distance_slopes = None
+        self.region_norm = nn.LayerNorm(c.width, eps=c.norm_eps) if c.patch_classes and c.region_layer else None
 
     def _fan_in_init(self) -> None:
         """N(0, 1/fan_in) for the fusion transformer's (and the ViT stem projection's) linear maps, the
@@ -343,7 +360,8 @@ class ViltForQuestionAnswering(Checkpointable, nn.Module):
     # ---------------------------------------------------------------- the single stream
     def _encode(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor, *,
                 grid: tuple[int, int], need_weights: bool = False, text_groups: torch.Tensor | None = None):
-        """text (B, T, D) + image (B, 1 + N, D) through the one transformer -> (tokens, attentions).
+        """text (B, T, D) + image (B, 1 + N, D) through the one transformer -> (tokens, attentions, region):
+        region = the tokens the region head reads (the output, or `region_layer`'s, normed).
 
         grid (gh, gw) is the image's token grid (N = gh * gw, `token_grid`), for position_every_layer.
 
@@ -353,9 +371,11 @@ class ViltForQuestionAnswering(Checkpointable, nn.Module):
         B, T, S = text.shape[0], text.shape[1], x.shape[1]
         keys = torch.cat([text_mask.bool(), text_mask.new_ones(B, S - T).bool()], 1)  # (B, S)
         reinject = self.config.position_every_layer
-        if self.config.image_attends_text and text_groups is None and not reinject:
+        if self.config.image_attends_text and text_groups is None and not reinject and self.distance_slopes is None \
+                and self.region_norm is None:
             out = self.transformer(x, attention_mask=keys.long(), need_weights=need_weights)
-            return self.norm(out.last_hidden_state), out.attentions
+            tokens = self.norm(out.last_hidden_state)
+            return tokens, out.attentions, tokens
         if text_groups is not None and self.config.image_attends_text:
             raise ValueError("packing needs image_attends_text=False (the image may not read other questions)")
         if self.config.image_attends_text:  # full attention: every token reads every real token
@@ -370,14 +390,23 @@ class ViltForQuestionAnswering(Checkpointable, nn.Module):
             mask = rearrange(mask, "b t s -> b 1 t s")
         if reinject:
             pos = F.pad(self.image_positions(*grid), (0, 0, T, 0))  # (S, D): zeros on the text rows
+        if self.distance_slopes is not None:
+            dist = F.pad(patch_distances(*grid, device=x.device), (T + 1, 0, T + 1, 0))  # (S, S): 0 off the patches
+            blocked = torch.zeros((), dtype=x.dtype, device=x.device).masked_fill(~mask, float("-inf"))  # (B,1,S,S)
         attentions = [] if need_weights else None
         for i, block in enumerate(self.transformer.blocks):
             if reinject and i > 0:  # the input already carries them once (embed_image)
                 x = x + pos
-            x, w = block(x, mask=mask, need_weights=need_weights)
+            layer_mask = mask
+            if self.distance_slopes is not None:  # float mask: -inf where blocked, slope x distance patch to patch
+                layer_mask = blocked + self.distance_slopes[i].to(x.dtype)[:, None, None] * dist  # (B, H, S, S)
+            x, w = block(x, mask=layer_mask, need_weights=need_weights)
             if need_weights:
                 attentions.append(w)
-        return self.norm(x), attentions
+            if self.region_norm is not None and i + 1 == self.config.region_layer:
+                region = self.region_norm(x)
+        tokens = self.norm(x)
+        return tokens, attentions, (region if self.region_norm is not None else tokens)
 
     def _head(self, first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pooled = torch.tanh(self.pooler(first))  # (..., D)
@@ -397,10 +426,10 @@ class ViltForQuestionAnswering(Checkpointable, nn.Module):
         image = self.embed_image(pixel_values)
         if image.shape[0] != text.shape[0]:
             raise ValueError(f"{text.shape[0]} questions but {image.shape[0]} images: one image per question")
-        tokens, attentions = self._encode(self.drop(text), mask, image, need_weights=need_weights,
-                                          grid=self.token_grid(pixel_values))
+        tokens, attentions, region = self._encode(self.drop(text), mask, image, need_weights=need_weights,
+                                                  grid=self.token_grid(pixel_values))
         logits, pooled = self._head(tokens[:, 0])  # (B, A), (B, D)
-        return VQAOutput(logits, pooled, tokens, attentions)
+        return VQAOutput(logits, pooled, tokens, attentions, region)
 
     def forward_packed(self, pixel_values, input_ids, attention_mask, question_index, position_ids,
                        question_starts) -> torch.Tensor:
@@ -420,13 +449,13 @@ class ViltForQuestionAnswering(Checkpointable, nn.Module):
                             question_starts)[0]
 
     def _packed(self, pixel_values, input_ids, attention_mask, question_index, position_ids, question_starts):
-        """forward_packed's logits (B, Q, A) and the output tokens (B, T + 1 + N, D)."""
+        """forward_packed's logits (B, Q, A) and the tokens the region head reads (B, T + 1 + N, D)."""
         text, mask = self.embed_text(input_ids, attention_mask, position_ids)  # (B, T, D)
         image = self.embed_image(pixel_values)
-        tokens, _ = self._encode(self.drop(text), mask, image, text_groups=question_index,
-                                 grid=self.token_grid(pixel_values))
+        tokens, _, region = self._encode(self.drop(text), mask, image, text_groups=question_index,
+                                         grid=self.token_grid(pixel_values))
         rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None]
-        return self._head(tokens[rows, question_starts])[0], tokens  # (B, Q, A), (B, S, D)
+        return self._head(tokens[rows, question_starts])[0], region  # (B, Q, A), (B, S, D)
 
     # ---------------------------------------------------------------- objectives
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -446,7 +475,7 @@ class ViltForQuestionAnswering(Checkpointable, nn.Module):
             logits, targets = logits[keep], batch["targets"][keep].to(logits.dtype)  # (M, A)
         else:
             out = self(ids, batch["pixel_values"], batch.get("attention_mask"))
-            logits, tokens, targets = out.logits, out.tokens, batch["targets"].to(out.logits.dtype)
+            logits, tokens, targets = out.logits, out.region_tokens, batch["targets"].to(out.logits.dtype)
         loss = vqa_loss(logits, targets)
         hit = targets.gather(1, logits.argmax(-1, keepdim=True)).mean()  # the VQA score of the top answer
         logs = {"vqa_loss": loss.detach(), "acc": hit}
@@ -473,14 +502,16 @@ class ViltForQuestionAnswering(Checkpointable, nn.Module):
         logits = self.patch_head(tokens[:, -N:]).float()  # (B, N, sum(classes))
         total = logits.new_zeros(())
         for k, part in enumerate(logits.split(list(c.patch_classes), -1)):
-            total = total + F.cross_entropy(part.flatten(0, 1), patch_labels[..., k].flatten().long(),
-                                            ignore_index=-100)
+            labels = patch_labels[..., k].flatten().long()  # (B*N,)
+            seen = (labels != -100).sum()  # a batch may have no label at all for an attribute (mean of none = nan)
+            total = total + F.cross_entropy(part.flatten(0, 1), labels, ignore_index=-100,
+                                            reduction="sum") / seen.clamp(min=1)
         return total
 
     def itm_loss(self, pixel_values, input_ids, attention_mask, labels) -> torch.Tensor:
         """Image-text matching: does the text describe the image? Cross-entropy on the pooled first token."""
         text, mask = self.embed_text(input_ids, attention_mask)
-        tokens, _ = self._encode(text, mask, self.embed_image(pixel_values), grid=self.token_grid(pixel_values))
+        tokens, _, _ = self._encode(text, mask, self.embed_image(pixel_values), grid=self.token_grid(pixel_values))
         pooled = torch.tanh(self.pooler(tokens[:, 0]))
         return F.cross_entropy(self.itm_head(pooled).float(), labels.long())
 
@@ -492,6 +523,13 @@ class ViltForQuestionAnswering(Checkpointable, nn.Module):
         attn = torch.stack(out.attentions, 1).mean(2)  # (B, L, S, S)
         g = int(math.isqrt(attn.shape[-1] - T - 1))
         return rearrange(attn[:, :, :T, T + 1:], "b l t (gh gw) -> b l t gh gw", gh=g)
+
+
+def patch_distances(gh: int, gw: int, device=None) -> torch.Tensor:
+    """(N, N) Euclidean distance between patch centres in patch units, N = gh * gw row-major."""
+    ys, xs = torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device), indexing="ij")
+    at = torch.stack([xs.flatten(), ys.flatten()], 1).float()  # (N, 2)
+    return torch.cdist(at, at)
 
 
 def vqa_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
