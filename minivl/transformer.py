@@ -177,8 +177,7 @@ class Attention(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x (B, T, D) attends to memory (B, S, Dm), or to itself (and the cache) when memory is None.
 
-        mask (B|1, 1, T, S) bool from `build_mask` (S counts cached keys too), None = every key; a float
-        mask (B|1, H|1, T, S) is added to the scores instead (an attention bias, -inf where blocked);
+        mask (B|1, 1, T, S) bool from `build_mask` (S counts cached keys too), None = every key;
         is_causal = the fused kernel's own causal mask instead (no padding, no cache, T == S).
         Returns the output (B, T, D) and, with need_weights, the weights (B, H, T, S).
         """
@@ -200,8 +199,8 @@ class Attention(nn.Module):
             if is_causal:
                 mask = build_mask(None, causal=True, T=q.shape[2], S=k.shape[2], device=x.device)
             scores = q @ k.transpose(-2, -1) * self.head_dim**-0.5  # (B, H, T, S)
-            if mask is not None:  # bool: True = may attend; float: added to the scores (-inf = blocked)
-                scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
             weights = scores.softmax(dim=-1)
             out = F.dropout(weights, dropout) @ v  # (B, H, T, Dh)
         else:  # fast path: fused kernels (flash / memory-efficient) where the device has them

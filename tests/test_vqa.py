@@ -410,65 +410,6 @@ def test_region_loss_is_off_by_default_and_adds_a_term_when_on(world, tok):
     assert "patch_labels" not in make_batches(world, Packer(tok, off.config.label2id, 24), 2)(0)
 
 
-def test_distance_bias_packed_equals_one_question_and_starts_near_and_far(world, tok):
-    from minivl.vqa.model import patch_distances
-    m = tiny(answers=world.answers, image_attends_text=False, distance_bias=True)
-    assert m.distance_slopes.shape == (2, 2) and m.distance_slopes[0].tolist() == [-0.5, 0.5]
-    scenes, batch = packed_batch(world, tok, m)  # packing still gives what one question at a time gives
-    logits = m.forward_packed(*(batch[k] for k in ("pixel_values", "input_ids", "attention_mask", "question_index",
-                                                   "position_ids", "question_starts")))
-    enc = tok(scenes[0]["questions"], padding="longest")
-    pix = batch["pixel_values"][[0] * len(scenes[0]["questions"])]
-    single = m(enc["input_ids"], pix, enc["attention_mask"], need_weights=True)  # the explicit path
-    assert torch.allclose(logits[0, :len(scenes[0]["questions"])], single.logits, atol=1e-5)
-    assert torch.allclose(m(enc["input_ids"], pix, enc["attention_mask"]).logits, single.logits, atol=1e-5)
-    plain = tiny(answers=world.answers, image_attends_text=False)  # the same weights, no bias
-    with torch.no_grad():
-        m.distance_slopes.zero_()
-    assert torch.allclose(m(enc["input_ids"], pix, enc["attention_mask"]).logits,
-                          plain(enc["input_ids"], pix, enc["attention_mask"]).logits, atol=1e-6)
-    with torch.no_grad():  # a steep negative slope: a patch reads itself; a steep positive one: the far corner
-        m.distance_slopes.copy_(torch.tensor([[-50.0, 50.0]] * 2))
-    w = m(enc["input_ids"][:1], pix[:1], enc["attention_mask"][:1], need_weights=True).attentions[0][0]  # (H, S, S)
-    T, N = enc["input_ids"].shape[1], 16
-    near, far = w[0, T + 1:, T + 1:], w[1, T + 1:, T + 1:]  # (N, N) patch to patch
-    # (the image class token has no place: no bias to or from it, so it shares what is left)
-    assert torch.allclose(near.diagonal() + w[0, T + 1:, T], torch.ones(N), atol=1e-3)
-    assert far.argmax(-1).tolist() == patch_distances(4, 4).argmax(-1).tolist()  # (0,0) -> (3,3) and so on
-    assert torch.isfinite(w).all() and w[:, :T, T + 1:].max() < 0.5  # text rows: no bias, no patch dominates
-    with pytest.raises(TypeError, match="distance_bias"):
-        tiny(distance_bias=1)
-    pytest.importorskip("transformers")
-    from minivl.vqa.convert import hf_config_from
-    with pytest.raises(ValueError, match="distance_bias"):  # transformers' ViLT has no attention bias
-        hf_config_from(ViltConfig.preset("tiny", answers=ANSWERS, image_attends_text=True, distance_bias=True))
-
-
-def test_neighbour_targets_name_the_closest_and_furthest_object():
-    from minivl.recipes.vqa import region_targets
-    from minivl.world import Obj, Scene, region_attributes
-    w = World(image_size=64)
-    objs = [Obj("square", "red", "large", (0, 0, 16, 16)), Obj("circle", "blue", "large", (24, 0, 40, 16)),
-            Obj("triangle", "green", "large", (48, 48, 64, 64))]
-    def scene_of(objects):
-        return Scene(np.zeros((64, 64, 3), np.uint8), list(objects), "train", 0, 0)
-
-    scene = scene_of(objs)
-    colors, shapes = list(w.config.colors), list(w.config.shapes)
-    lab = region_targets(w, scene, 8, region_attributes(w), neighbours=True).reshape(8, 8, 7)
-    assert lab[0, 0, :2].tolist() == [colors.index("red"), shapes.index("square")]
-    # the red square's closest is the blue circle, its furthest the green triangle
-    assert lab[0, 0, 3:].tolist() == [colors.index("blue"), shapes.index("circle"),
-                                      colors.index("green"), shapes.index("triangle")]
-    # the green triangle: the blue circle is nearer (54 px) than the red square (68 px), but not by the questions'
-    # clear margin (x1.25 + 2 px): no label either way, as no question asks it
-    assert (lab[7, 7, 3:] == -100).all()
-    assert (lab[4, 0, 3:] == -100).all()  # background: no object, no neighbour
-    two = region_targets(w, scene_of(objs[:2]), 8, region_attributes(w), neighbours=True)
-    assert (two[:, 3:] == -100).all()  # two objects: closest = furthest, never asked
-    assert region_targets(w, scene_of(objs), 8, region_attributes(w)).shape == (64, 3)
-
-
 def test_region_loss_is_finite_when_an_attribute_has_no_label_in_the_batch():
     m = tiny(patch_classes=(3, 3))
     tokens = torch.randn(2, 5 + 1 + 16, 32)
@@ -478,22 +419,23 @@ def test_region_loss_is_finite_when_an_attribute_has_no_label_in_the_batch():
     assert torch.isfinite(loss) and loss > 0
 
 
-def test_region_layer_reads_the_image_tokens_after_that_block(world, tok):
-    classes = (len(world.config.colors) + 1, len(world.config.shapes) + 1, 3)
-    m = tiny(answers=world.answers, image_attends_text=False, patch_classes=classes, region_layer=1)
-    final = tiny(answers=world.answers, image_attends_text=False, patch_classes=classes)
-    assert final.region_norm is None and m.region_norm is not None
-    enc = tok(["is there a red circle?", "how many squares are there?"], padding="longest")
-    pix = torch.rand(2, 3, 32, 32) * 2 - 1
-    out, ref = m(enc["input_ids"], pix, enc["attention_mask"]), final(enc["input_ids"], pix, enc["attention_mask"])
-    assert torch.allclose(out.logits, ref.logits, atol=1e-6)  # the answer path is the same model
-    assert ref.region_tokens is ref.tokens and not torch.allclose(out.region_tokens, out.tokens, atol=1e-3)
-    from minivl.recipes.vqa import make_batches
-    batch = make_batches(world, Packer(tok, m.config.label2id, m.config.context_length), 2, region_grid=4)(0)
-    m.train()
-    m.region_loss(m._packed(*(batch[k] for k in ("pixel_values", "input_ids", "attention_mask", "question_index",
-                                                 "position_ids", "question_starts")))[1], batch["patch_labels"]).backward()
-    first, last = m.transformer.blocks[0].attn.q_proj.weight.grad, m.transformer.blocks[1].attn.q_proj.weight.grad
-    assert first is not None and first.abs().sum() > 0 and (last is None or last.abs().sum() == 0)
-    with pytest.raises(ValueError, match="region_layer"):
-        tiny(patch_classes=classes, region_layer=2)  # tiny has 2 blocks: the output is 0, not 2
+
+def test_patch_detail_adds_each_patch_its_first_layer_neighbourhood():
+    vision = dict(image_size=32, patch_size=8, width=16, depth=2, heads=2)
+
+    def vit(**kw):  # read at hidden state 0: without the detail, a patch token sees its own pixels only
+        torch.manual_seed(0)
+        return ViltForQuestionAnswering(ViltConfig.preset("tiny", answers=ANSWERS, stem="vit", vision=vision,
+                                                          vision_layer=-3, **kw)).eval()
+    plain, detail = vit(), vit(patch_detail=True)
+    pix = torch.rand(1, 3, 32, 32) * 2 - 1
+    moved = pix.clone()
+    moved[..., :8, :8] = -moved[..., :8, :8]  # patch (0, 0) only
+    with torch.no_grad():
+        change = lambda m: (m.embed_image(moved) - m.embed_image(pix))[0, 1:].norm(dim=-1).reshape(4, 4)  # noqa: E731
+        a, b = change(plain), change(detail)
+        assert a[0, 0] > 0 and a[1, 1] == 0 and b[1, 1] > 0 and b[0, 2] == 0 and b[2, 2] == 0  # 3 x 3 only
+        detail.patch_detail.weight.zero_()  # no detail = the plain model, weight for weight
+        assert torch.allclose(detail.embed_image(pix), plain.embed_image(pix))
+    with pytest.raises(ValueError, match="patch_detail"):
+        tiny(patch_detail=True)  # the linear stem has no first layer to read

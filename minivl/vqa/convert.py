@@ -71,8 +71,6 @@ def hf_config_from(config: ViltConfig):
     if config.position_every_layer or config.patch_classes:
         raise ValueError("transformers' ViLT adds the image positions once and has no region head: need "
                          "position_every_layer=False and patch_classes=()")
-    if config.distance_bias:
-        raise ValueError("transformers' ViLT has no attention bias: need distance_bias=False")
     return HFViltConfig(vocab_size=config.vocab_size, hidden_size=config.width, num_hidden_layers=config.depth,
                         num_attention_heads=config.heads, intermediate_size=int(config.width * config.mlp_ratio),
                         hidden_act="gelu", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,

@@ -52,7 +52,7 @@ from torch import nn
 from minivl import validate
 from minivl.checkpoint import Checkpointable
 from minivl.transformer import Transformer, init_weights
-from minivl.vit import VisionTransformer, ViTConfig, check_images, sincos_2d
+from minivl.vit import VisionTransformer, ViTConfig, check_images, neighbourhood, sincos_2d
 
 WORLD_VOCAB, WORLD_PAD_ID = 512, 504  # the Shapes World BPE (`minivl.data.world_tokenizer()`)
 
@@ -108,16 +108,14 @@ class ViltConfig(AnswerLabels):
     #                                      token predicts, per attribute, the class of the object under its patch
     #                                      (Shapes World: colour, shape, size, each with a last class "none")
     patch_loss: float = 1.0  # weight of that dense cross-entropy (summed over the attributes) in the loss
-    region_layer: int = 0  # where that head reads the image tokens: 0 = the final output; k = after block k (through
-    #                        its own LayerNorm), so that what it asks for is there while later blocks' questions read
     position_scale: float = 0.1  # the image positions start as this x 2-D sin-cos: at 0.1 (next to CLIP features of
     #                              norm ~11) "is it on the left?" stayed at chance for 3,000 steps; at 0.5-1.0 it is learnt
     position_every_layer: bool = False  # add the image position embedding to the image tokens again before every
     #                                     block, not only at the input (where region supervision and the blocks
     #                                     wash it out: "is it on the left?" needs *where* in the late tokens)
-    distance_bias: bool = False  # image-to-image attention adds a learned slope (per layer and head) x the distance
-    #                              between the two patches (a 2-D ALiBi, Press et al. 2022): negative slopes look
-    #                              near, positive ones far, so "the object closest to X" can sit on X's own token
+    patch_detail: bool = False  # stem="vit": each patch token also gets a projection of the 3 x 3 neighbourhood of the
+    #                             tower's first-layer patch embeddings (grounding's box_detail): a patch sees a
+    #                             corner of a shape, its neighbours the rest (frozen clip-cpu tokens tell shape ~35%)
 
     def __post_init__(self) -> None:
         validate.config_fields(self, ints=dict(vocab_size=1, context_length=1, pad_id=0, image_size=1, patch_size=1,
@@ -146,10 +144,9 @@ class ViltConfig(AnswerLabels):
         if not isinstance(self.answers, (list, tuple)) or not all(isinstance(a, str) for a in self.answers):
             raise TypeError(f"answers must be a tuple of strings, got {self.answers!r:.80}")
         self.answers = tuple(self.answers)
-        if not (isinstance(self.region_layer, int) and not isinstance(self.region_layer, bool)
-                and 0 <= self.region_layer < max(1, self.depth)):
-            raise ValueError(f"region_layer must be 0 (the output) or a block 1..{self.depth - 1}, got {self.region_layer!r}")
-        for name in ("fan_in_init", "position_every_layer", "distance_bias"):
+        if self.patch_detail and (self.stem != "vit" or self.image_pool != 1):
+            raise ValueError("patch_detail reads the ViT stem's first layer patch by patch: needs stem='vit', image_pool=1")
+        for name in ("fan_in_init", "position_every_layer", "patch_detail"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.image_pool != 1 and self.stem != "vit":
@@ -188,8 +185,6 @@ class VQAOutput:
     pooled: torch.Tensor  # (B, D) pooler output (linear + tanh of the first token)
     tokens: torch.Tensor  # (B, T + 1 + N, D) after the final LayerNorm: text, then image class token + patches
     attentions: list[torch.Tensor] | None = field(default=None)  # depth entries of (B, H, S, S)
-    region_tokens: torch.Tensor | None = field(default=None, repr=False)  # what the region head reads (= tokens
-    #                                                                        unless region_layer)
 
 
 class ConvStem(nn.Module):
@@ -254,13 +249,10 @@ class ViltForQuestionAnswering(Checkpointable, nn.Module):
             self._fan_in_init()
         # built last, so that with the options off every other weight starts exactly as before
         self.patch_head = nn.Linear(c.width, sum(c.patch_classes)) if c.patch_classes else None
-        if c.distance_bias:  # heads start at slopes -1/2, -1/4, ..., +1/4, +1/2 (per grid unit), every layer alike
-            half = [2.0 ** -(k + 1) for k in range((c.heads + 1) // 2)]
-            start = torch.tensor([-h for h in half] + half[::-1])[:c.heads] if c.heads > 1 else torch.tensor([-0.5])
-            self.distance_slopes = nn.Parameter(start.repeat(c.depth, 1))  # (depth, heads)
-        else:
-            self.distance_slopes = None
-        self.region_norm = nn.LayerNorm(c.width, eps=c.norm_eps) if c.patch_classes and c.region_layer else None
+        self.patch_detail = nn.Linear(9 * c.vision.width, c.width) if c.patch_detail else None
+        if self.patch_detail is not None:
+            nn.init.normal_(self.patch_detail.weight, std=(9 * c.vision.width) ** -0.5)
+            nn.init.zeros_(self.patch_detail.bias)
 
     def _fan_in_init(self) -> None:
         """N(0, 1/fan_in) for the fusion transformer's (and the ViT stem projection's) linear maps, the
@@ -349,19 +341,22 @@ class ViltForQuestionAnswering(Checkpointable, nn.Module):
                              f"{tuple(pixel_values.shape[-2:])}: resize with the processor")
         frozen = not any(p.requires_grad for p in v.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):  # a frozen tower needs no graph
-            x = v.hidden_state(pixel_values, c.vision_layer)  # (B, 1 + N, Dv)
+            first = v.ln_pre(v.embed(pixel_values))  # (B, 1 + N, Dv): hidden state 0
+            x = v.hidden_state(pixel_values, c.vision_layer, first=first)  # (B, 1 + N, Dv)
             if c.image_pool > 1:  # k x k patches -> one token: fewer keys for every word to search
                 g = rearrange(x[:, 1:], "b (gh gw) d -> b d gh gw", gh=c.grid)
                 g = F.avg_pool2d(g, c.image_pool)  # (B, Dv, grid/k, grid/k)
                 x = torch.cat([x[:, :1], rearrange(g, "b d gh gw -> b (gh gw) d")], 1)  # (B, 1 + N/k^2, Dv)
         x = self.patch_embed(x) + self.image_pos  # (B, 1 + N, D)
+        if self.patch_detail is not None:  # + the first layer's 3 x 3 neighbourhood of each patch (not the class token)
+            detail = self.patch_detail(neighbourhood(first[:, 1:], c.grid))  # (B, N, 9 Dv) -> (B, N, D)
+            x = torch.cat([x[:, :1], x[:, 1:] + detail], 1)
         return self.drop(x) + self.modality.weight[1]
 
     # ---------------------------------------------------------------- the single stream
     def _encode(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor, *,
                 grid: tuple[int, int], need_weights: bool = False, text_groups: torch.Tensor | None = None):
-        """text (B, T, D) + image (B, 1 + N, D) through the one transformer -> (tokens, attentions, region):
-        region = the tokens the region head reads (the output, or `region_layer`'s, normed).
+        """text (B, T, D) + image (B, 1 + N, D) through the one transformer -> (tokens, attentions).
 
         grid (gh, gw) is the image's token grid (N = gh * gw, `token_grid`), for position_every_layer.
 
@@ -371,11 +366,9 @@ class ViltForQuestionAnswering(Checkpointable, nn.Module):
         B, T, S = text.shape[0], text.shape[1], x.shape[1]
         keys = torch.cat([text_mask.bool(), text_mask.new_ones(B, S - T).bool()], 1)  # (B, S)
         reinject = self.config.position_every_layer
-        if self.config.image_attends_text and text_groups is None and not reinject and self.distance_slopes is None \
-                and self.region_norm is None:
+        if self.config.image_attends_text and text_groups is None and not reinject:
             out = self.transformer(x, attention_mask=keys.long(), need_weights=need_weights)
-            tokens = self.norm(out.last_hidden_state)
-            return tokens, out.attentions, tokens
+            return self.norm(out.last_hidden_state), out.attentions
         if text_groups is not None and self.config.image_attends_text:
             raise ValueError("packing needs image_attends_text=False (the image may not read other questions)")
         if self.config.image_attends_text:  # full attention: every token reads every real token
@@ -390,23 +383,14 @@ class ViltForQuestionAnswering(Checkpointable, nn.Module):
             mask = rearrange(mask, "b t s -> b 1 t s")
         if reinject:
             pos = F.pad(self.image_positions(*grid), (0, 0, T, 0))  # (S, D): zeros on the text rows
-        if self.distance_slopes is not None:
-            dist = F.pad(patch_distances(*grid, device=x.device), (T + 1, 0, T + 1, 0))  # (S, S): 0 off the patches
-            blocked = torch.zeros((), dtype=x.dtype, device=x.device).masked_fill(~mask, float("-inf"))  # (B,1,S,S)
         attentions = [] if need_weights else None
         for i, block in enumerate(self.transformer.blocks):
             if reinject and i > 0:  # the input already carries them once (embed_image)
                 x = x + pos
-            layer_mask = mask
-            if self.distance_slopes is not None:  # float mask: -inf where blocked, slope x distance patch to patch
-                layer_mask = blocked + self.distance_slopes[i].to(x.dtype)[:, None, None] * dist  # (B, H, S, S)
-            x, w = block(x, mask=layer_mask, need_weights=need_weights)
+            x, w = block(x, mask=mask, need_weights=need_weights)
             if need_weights:
                 attentions.append(w)
-            if self.region_norm is not None and i + 1 == self.config.region_layer:
-                region = self.region_norm(x)
-        tokens = self.norm(x)
-        return tokens, attentions, (region if self.region_norm is not None else tokens)
+        return self.norm(x), attentions
 
     def _head(self, first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pooled = torch.tanh(self.pooler(first))  # (..., D)
@@ -426,10 +410,10 @@ class ViltForQuestionAnswering(Checkpointable, nn.Module):
         image = self.embed_image(pixel_values)
         if image.shape[0] != text.shape[0]:
             raise ValueError(f"{text.shape[0]} questions but {image.shape[0]} images: one image per question")
-        tokens, attentions, region = self._encode(self.drop(text), mask, image, need_weights=need_weights,
-                                                  grid=self.token_grid(pixel_values))
+        tokens, attentions = self._encode(self.drop(text), mask, image, need_weights=need_weights,
+                                          grid=self.token_grid(pixel_values))
         logits, pooled = self._head(tokens[:, 0])  # (B, A), (B, D)
-        return VQAOutput(logits, pooled, tokens, attentions, region)
+        return VQAOutput(logits, pooled, tokens, attentions)
 
     def forward_packed(self, pixel_values, input_ids, attention_mask, question_index, position_ids,
                        question_starts) -> torch.Tensor:
@@ -449,13 +433,13 @@ class ViltForQuestionAnswering(Checkpointable, nn.Module):
                             question_starts)[0]
 
     def _packed(self, pixel_values, input_ids, attention_mask, question_index, position_ids, question_starts):
-        """forward_packed's logits (B, Q, A) and the tokens the region head reads (B, T + 1 + N, D)."""
+        """forward_packed's logits (B, Q, A) and the output tokens (B, T + 1 + N, D)."""
         text, mask = self.embed_text(input_ids, attention_mask, position_ids)  # (B, T, D)
         image = self.embed_image(pixel_values)
-        tokens, _, region = self._encode(self.drop(text), mask, image, text_groups=question_index,
-                                         grid=self.token_grid(pixel_values))
+        tokens, _ = self._encode(self.drop(text), mask, image, text_groups=question_index,
+                                 grid=self.token_grid(pixel_values))
         rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None]
-        return self._head(tokens[rows, question_starts])[0], region  # (B, Q, A), (B, S, D)
+        return self._head(tokens[rows, question_starts])[0], tokens  # (B, Q, A), (B, S, D)
 
     # ---------------------------------------------------------------- objectives
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -475,7 +459,7 @@ class ViltForQuestionAnswering(Checkpointable, nn.Module):
             logits, targets = logits[keep], batch["targets"][keep].to(logits.dtype)  # (M, A)
         else:
             out = self(ids, batch["pixel_values"], batch.get("attention_mask"))
-            logits, tokens, targets = out.logits, out.region_tokens, batch["targets"].to(out.logits.dtype)
+            logits, tokens, targets = out.logits, out.tokens, batch["targets"].to(out.logits.dtype)
         loss = vqa_loss(logits, targets)
         hit = targets.gather(1, logits.argmax(-1, keepdim=True)).mean()  # the VQA score of the top answer
         logs = {"vqa_loss": loss.detach(), "acc": hit}
@@ -511,7 +495,7 @@ class ViltForQuestionAnswering(Checkpointable, nn.Module):
     def itm_loss(self, pixel_values, input_ids, attention_mask, labels) -> torch.Tensor:
         """Image-text matching: does the text describe the image? Cross-entropy on the pooled first token."""
         text, mask = self.embed_text(input_ids, attention_mask)
-        tokens, _, _ = self._encode(text, mask, self.embed_image(pixel_values), grid=self.token_grid(pixel_values))
+        tokens, _ = self._encode(text, mask, self.embed_image(pixel_values), grid=self.token_grid(pixel_values))
         pooled = torch.tanh(self.pooler(tokens[:, 0]))
         return F.cross_entropy(self.itm_head(pooled).float(), labels.long())
 
@@ -523,13 +507,6 @@ class ViltForQuestionAnswering(Checkpointable, nn.Module):
         attn = torch.stack(out.attentions, 1).mean(2)  # (B, L, S, S)
         g = int(math.isqrt(attn.shape[-1] - T - 1))
         return rearrange(attn[:, :, :T, T + 1:], "b l t (gh gw) -> b l t gh gw", gh=g)
-
-
-def patch_distances(gh: int, gw: int, device=None) -> torch.Tensor:
-    """(N, N) Euclidean distance between patch centres in patch units, N = gh * gw row-major."""
-    ys, xs = torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device), indexing="ij")
-    at = torch.stack([xs.flatten(), ys.flatten()], 1).float()  # (N, 2)
-    return torch.cdist(at, at)
 
 
 def vqa_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
