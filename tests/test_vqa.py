@@ -419,23 +419,3 @@ def test_region_loss_is_finite_when_an_attribute_has_no_label_in_the_batch():
     assert torch.isfinite(loss) and loss > 0
 
 
-
-def test_patch_detail_adds_each_patch_its_first_layer_neighbourhood():
-    vision = dict(image_size=32, patch_size=8, width=16, depth=2, heads=2)
-
-    def vit(**kw):  # read at hidden state 0: without the detail, a patch token sees its own pixels only
-        torch.manual_seed(0)
-        return ViltForQuestionAnswering(ViltConfig.preset("tiny", answers=ANSWERS, stem="vit", vision=vision,
-                                                          vision_layer=-3, **kw)).eval()
-    plain, detail = vit(), vit(patch_detail=True)
-    pix = torch.rand(1, 3, 32, 32) * 2 - 1
-    moved = pix.clone()
-    moved[..., :8, :8] = -moved[..., :8, :8]  # patch (0, 0) only
-    with torch.no_grad():
-        change = lambda m: (m.embed_image(moved) - m.embed_image(pix))[0, 1:].norm(dim=-1).reshape(4, 4)  # noqa: E731
-        a, b = change(plain), change(detail)
-        assert a[0, 0] > 0 and a[1, 1] == 0 and b[1, 1] > 0 and b[0, 2] == 0 and b[2, 2] == 0  # 3 x 3 only
-        detail.patch_detail.weight.zero_()  # no detail = the plain model, weight for weight
-        assert torch.allclose(detail.embed_image(pix), plain.embed_image(pix))
-    with pytest.raises(ValueError, match="patch_detail"):
-        tiny(patch_detail=True)  # the linear stem has no first layer to read

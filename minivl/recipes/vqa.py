@@ -156,7 +156,7 @@ LEVER_LOG = [
     # 400 more steps on closest / furthest questions alone (blocks 3-4 and the head trainable) left them at 42-43%: the
     # answer sits on the anchor's patches and the question does not learn to fetch it. Colour questions on 4-object
     # scenes are right only 46-64% in these models (79-83% over all scenes): finding the named object among four is
-    # already the weak step. First-layer detail (s7's lever, `ViltConfig.patch_detail` in commit PATCHDETAIL) lifts colour to
+    # already the weak step. First-layer detail (s7's lever, `ViltConfig.patch_detail` in commit fe31e56) lifts colour to
     # 89-92% and shape to 79-94%, but position falls to 52-62%, at 2,000 steps and in the whole cpu preset (3,000 steps,
     # 1,000 test scenes, 1 thread each, both seeds side by side, load 0.6): 77.7% / 74.7% against the preset's 74.1%
     # (2 threads) and 78.7% (1 thread) on 2026-12-07: no gain, so not in the preset

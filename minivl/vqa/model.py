@@ -52,7 +52,7 @@ from torch import nn
 from minivl import validate
 from minivl.checkpoint import Checkpointable
 from minivl.transformer import Transformer, init_weights
-from minivl.vit import VisionTransformer, ViTConfig, check_images, neighbourhood, sincos_2d
+from minivl.vit import VisionTransformer, ViTConfig, check_images, sincos_2d
 
 WORLD_VOCAB, WORLD_PAD_ID = 512, 504  # the Shapes World BPE (`minivl.data.world_tokenizer()`)
 
@@ -113,9 +113,6 @@ class ViltConfig(AnswerLabels):
     position_every_layer: bool = False  # add the image position embedding to the image tokens again before every
     #                                     block, not only at the input (where region supervision and the blocks
     #                                     wash it out: "is it on the left?" needs *where* in the late tokens)
-    patch_detail: bool = False  # stem="vit": each patch token also gets a projection of the 3 x 3 neighbourhood of the
-    #                             tower's first-layer patch embeddings (grounding's box_detail): a patch sees a
-    #                             corner of a shape, its neighbours the rest (frozen clip-cpu tokens tell shape ~35%)
 
     def __post_init__(self) -> None:
         validate.config_fields(self, ints=dict(vocab_size=1, context_length=1, pad_id=0, image_size=1, patch_size=1,
@@ -144,9 +141,7 @@ class ViltConfig(AnswerLabels):
         if not isinstance(self.answers, (list, tuple)) or not all(isinstance(a, str) for a in self.answers):
             raise TypeError(f"answers must be a tuple of strings, got {self.answers!r:.80}")
         self.answers = tuple(self.answers)
-        if self.patch_detail and (self.stem != "vit" or self.image_pool != 1):
-            raise ValueError("patch_detail reads the ViT stem's first layer patch by patch: needs stem='vit', image_pool=1")
-        for name in ("fan_in_init", "position_every_layer", "patch_detail"):
+        for name in ("fan_in_init", "position_every_layer"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.image_pool != 1 and self.stem != "vit":
@@ -247,12 +242,8 @@ class ViltForQuestionAnswering(Checkpointable, nn.Module):
             self.image_pos[1:] = c.position_scale * sincos_2d(c.grid // c.image_pool, c.width)
         if c.fan_in_init:
             self._fan_in_init()
-        # built last, so that with the options off every other weight starts exactly as before
+        # built last, so that with the option off every other weight starts exactly as before
         self.patch_head = nn.Linear(c.width, sum(c.patch_classes)) if c.patch_classes else None
-        self.patch_detail = nn.Linear(9 * c.vision.width, c.width) if c.patch_detail else None
-        if self.patch_detail is not None:
-            nn.init.normal_(self.patch_detail.weight, std=(9 * c.vision.width) ** -0.5)
-            nn.init.zeros_(self.patch_detail.bias)
 
     def _fan_in_init(self) -> None:
         """N(0, 1/fan_in) for the fusion transformer's (and the ViT stem projection's) linear maps, the
@@ -341,16 +332,12 @@ class ViltForQuestionAnswering(Checkpointable, nn.Module):
                              f"{tuple(pixel_values.shape[-2:])}: resize with the processor")
         frozen = not any(p.requires_grad for p in v.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):  # a frozen tower needs no graph
-            first = v.ln_pre(v.embed(pixel_values))  # (B, 1 + N, Dv): hidden state 0
-            x = v.hidden_state(pixel_values, c.vision_layer, first=first)  # (B, 1 + N, Dv)
+            x = v.hidden_state(pixel_values, c.vision_layer)  # (B, 1 + N, Dv)
             if c.image_pool > 1:  # k x k patches -> one token: fewer keys for every word to search
                 g = rearrange(x[:, 1:], "b (gh gw) d -> b d gh gw", gh=c.grid)
                 g = F.avg_pool2d(g, c.image_pool)  # (B, Dv, grid/k, grid/k)
                 x = torch.cat([x[:, :1], rearrange(g, "b d gh gw -> b (gh gw) d")], 1)  # (B, 1 + N/k^2, Dv)
         x = self.patch_embed(x) + self.image_pos  # (B, 1 + N, D)
-        if self.patch_detail is not None:  # + the first layer's 3 x 3 neighbourhood of each patch (not the class token)
-            detail = self.patch_detail(neighbourhood(first[:, 1:], c.grid))  # (B, N, 9 Dv) -> (B, N, D)
-            x = torch.cat([x[:, :1], x[:, 1:] + detail], 1)
         return self.drop(x) + self.modality.weight[1]
 
     # ---------------------------------------------------------------- the single stream
