@@ -122,6 +122,20 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
     return F.pad(out, (0, dim - out.shape[1]))
 
 
+def patch_attribute_loss(logits: torch.Tensor, patch_labels: torch.Tensor, classes) -> torch.Tensor:
+    """Region supervision's loss (the VQA and MLLM families): logits (B, N, sum(classes)) per patch token,
+    patch_labels (B, N, K) long, the class of attribute k under each patch (-100 = ignored) -> the sum over
+    the K attributes of each one's mean cross-entropy over its labelled patches. An attribute with no label
+    in the batch adds 0 (a plain mean over no labels would be nan)."""
+    total = logits.new_zeros((), dtype=torch.float32)
+    for k, part in enumerate(logits.float().split(list(classes), -1)):
+        labels = patch_labels[..., k].to(part.device).flatten().long()  # (B*N,)
+        seen = (labels != -100).sum()
+        summed = F.cross_entropy(part.flatten(0, 1), labels, ignore_index=-100, reduction="sum")
+        total = total + summed / seen.clamp(min=1)
+    return total
+
+
 def neighbourhood(tokens: torch.Tensor, grid: int) -> torch.Tensor:
     """Patch tokens (B, N, D), N = grid * grid in row-major order -> (B, N, 9 * D): each patch's 3 x 3
     neighbourhood (itself included; zeros past the image's border), stacked channel-major (index

@@ -30,7 +30,7 @@ from torch import nn
 from minivl import generation, validate
 from minivl.checkpoint import Checkpointable
 from minivl.lm import CausalLM, LMConfig
-from minivl.vit import ViTConfig, VisionTransformer, sincos_2d
+from minivl.vit import ViTConfig, VisionTransformer, patch_attribute_loss, sincos_2d
 
 WORLD_VOCAB = 512  # the Shapes World BPE every preset reads (minivl.data.world_tokenizer())
 _SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|image|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -255,12 +255,7 @@ class LlavaModel(Checkpointable, nn.Module):
         if not isinstance(patch_labels, torch.Tensor) or tuple(patch_labels.shape) != (tokens.shape[0], N, K):
             raise ValueError(f"patch_labels must be ({tokens.shape[0]}, {N}, {K}): per image, image token and "
                              f"attribute, got {tuple(getattr(patch_labels, 'shape', ()))}")
-        logits = self.patch_head(tokens).float()  # (n, N, sum(classes))
-        total = logits.new_zeros(())
-        for k, part in enumerate(logits.split(list(c.patch_classes), -1)):
-            total = total + F.cross_entropy(part.flatten(0, 1), patch_labels[..., k].to(part.device).flatten().long(),
-                                            ignore_index=-100)
-        return total
+        return patch_attribute_loss(self.patch_head(tokens), patch_labels, c.patch_classes)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()

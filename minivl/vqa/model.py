@@ -52,7 +52,7 @@ from torch import nn
 from minivl import validate
 from minivl.checkpoint import Checkpointable
 from minivl.transformer import Transformer, init_weights
-from minivl.vit import VisionTransformer, ViTConfig, check_images, sincos_2d
+from minivl.vit import VisionTransformer, ViTConfig, check_images, patch_attribute_loss, sincos_2d
 
 WORLD_VOCAB, WORLD_PAD_ID = 512, 504  # the Shapes World BPE (`minivl.data.world_tokenizer()`)
 
@@ -470,14 +470,7 @@ class ViltForQuestionAnswering(Checkpointable, nn.Module):
         if not isinstance(patch_labels, torch.Tensor) or tuple(patch_labels.shape) != (tokens.shape[0], N, K):
             raise ValueError(f"patch_labels must be ({tokens.shape[0]}, {N}, {K}): per image, patch and attribute, "
                              f"got {tuple(getattr(patch_labels, 'shape', ()))}")
-        logits = self.patch_head(tokens[:, -N:]).float()  # (B, N, sum(classes))
-        total = logits.new_zeros(())
-        for k, part in enumerate(logits.split(list(c.patch_classes), -1)):
-            labels = patch_labels[..., k].flatten().long()  # (B*N,)
-            seen = (labels != -100).sum()  # a batch may have no label at all for an attribute (mean of none = nan)
-            total = total + F.cross_entropy(part.flatten(0, 1), labels, ignore_index=-100,
-                                            reduction="sum") / seen.clamp(min=1)
-        return total
+        return patch_attribute_loss(self.patch_head(tokens[:, -N:]), patch_labels, c.patch_classes)
 
     def itm_loss(self, pixel_values, input_ids, attention_mask, labels) -> torch.Tensor:
         """Image-text matching: does the text describe the image? Cross-entropy on the pooled first token."""
