@@ -320,3 +320,27 @@ def test_pooled_last_block_equals_the_full_stack_at_that_token():
         model(x, pool_index=0, need_weights=True)
     with pytest.raises(TypeError, match="pool_index"):
         model(x, pool_index=0.0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_bf16_attention_runs_the_fused_kernel_in_fp32(monkeypatch, causal):
+    """On the CPU the fused kernel is several times slower in bf16 than in fp32 (no bf16 instructions):
+    under bf16 autocast it must get fp32 inputs, hand back bf16, and stay close to the fp32 formula."""
+    seen = []
+    real = F.scaled_dot_product_attention
+    def spy(q, k, v, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu")))
+        return real(q, k, v, **kwargs)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    torch.manual_seed(0)
+    attn = Attention(32, 4).eval()
+    x = torch.randn(2, 7, 32)
+    allowed = build_mask(torch.tensor([[1] * 7, [1] * 5 + [0] * 2]), causal=causal, T=7, S=7, device=x.device)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = attn(x, mask=allowed)
+    assert seen == [(torch.float32,) * 3 + (False,)]
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), _explicit_attention(attn, x, allowed=allowed), atol=3e-2, rtol=3e-2)
+    seen.clear()
+    out32, _ = attn(x, mask=allowed)  # fp32 without autocast: the kernel as it was, autocast untouched
+    assert seen == [(torch.float32,) * 3 + (False,)] and out32.dtype == torch.float32
