@@ -219,8 +219,8 @@ def _cpu_attention_fp32(q, k, v, mask, dropout: float, is_causal: bool) -> torch
     On a CPU without bf16 instructions (this course's AVX-512 machines) the fused CPU kernel is ~3.6x
     slower in bf16 than in fp32 with the casts around it (330 ms vs 92 ms forward + backward, VQA-bench
     shapes (136, 4, 81, 32), one thread, 2026-12-07), and the explicit matmul path in bf16 ~1.7x slower:
-    under bf16 autocast minivl's VQA step was 0.52-0.78x `transformers`' (eager matmuls), now ~1.2x. fp32 is also the
-    more exact of the two. Autocast is switched off around the call, or it would cast back to bf16."""
+    under bf16 autocast minivl's VQA step was 0.52-0.78x `transformers`' (eager matmuls), now ~1.2x. fp32 is
+    also the more exact of the two. Autocast is switched off around the call, or it would cast back to bf16."""
     with torch.autocast("cpu", enabled=False):
         out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=dropout,
                                              is_causal=is_causal)
